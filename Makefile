@@ -1,0 +1,22 @@
+# Quickstart targets. `.venv` is (re)built only when pyproject.toml changed.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) sweeps/run.py --space examples/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .venv .cache/lorasweep runs

@@ -1,0 +1,1 @@
+"""Ray Tune / Optuna sweeps over LoRA trainings: spec, tuner, trainable, results."""

@@ -1,0 +1,35 @@
+"""Once per sweep, before any trial: resolve built-in models and data, check the dataset.
+
+Trials then receive concrete absolute paths, so they neither race to build the same files
+nor depend on the driver's working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evaluator.tiny import TINY_CLIP_ID, ensure_tiny_clip
+from sweeps.spec import SpecError, SweepSpec
+from trainer.data import DatasetError, load_kohya_folder, resolve_dataset
+from trainer.tiny import TINY_SD_FILE_ID, TINY_SD_ID, cache_root, ensure_tiny_sd, ensure_tiny_sd_single_file
+
+
+def _resolve_base_model(base_model: str) -> str:
+    if base_model == TINY_SD_ID:
+        return str(ensure_tiny_sd())
+    if base_model == TINY_SD_FILE_ID:
+        return str(ensure_tiny_sd_single_file())
+    local = Path(base_model).expanduser()
+    return str(local.resolve()) if local.exists() else base_model
+
+
+def prepare_sweep(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
+    """A copy of `spec` with built-ins built and local paths made absolute; dataset problems raise SpecError."""
+    dataset = resolve_dataset(spec.dataset, cache_root()).expanduser().resolve()
+    try:
+        load_kohya_folder(dataset)
+    except DatasetError as err:
+        raise SpecError(source, [f"dataset: {err}"]) from None
+    if spec.evaluator.model == TINY_CLIP_ID:
+        ensure_tiny_clip()
+    return spec.model_copy(update={"dataset": str(dataset), "base_model": _resolve_base_model(spec.base_model)})

@@ -1,0 +1,39 @@
+"""One line per trial event on the driver's console, so people see the sweep move."""
+
+from __future__ import annotations
+
+import time
+
+from ray.tune import Callback
+
+
+class ProgressPrinter(Callback):
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.start = time.monotonic()
+
+    def _stamp(self) -> str:
+        return f"[{time.monotonic() - self.start:6.1f}s]"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted((trial.config or {}).items()))
+        print(f"{self._stamp()} trial {trial.trial_id} started: {params}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        print(
+            f"{self._stamp()} trial {trial.trial_id} step {result.get('step')}: "
+            f"{self.metric}={_fmt(result.get(self.metric))} loss={_fmt(result.get('loss'))}",
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        print(f"{self._stamp()} trial {trial.trial_id} finished", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{self._stamp()} trial {trial.trial_id} FAILED (see {trial.local_path}/error.txt)", flush=True)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

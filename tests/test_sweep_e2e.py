@@ -1,0 +1,36 @@
+"""A real sweep on local Ray with the tiny models: trains, samples, scores, exports the winner."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_sweep_of_three_trials_exports_best(tmp_path):
+    cmd = [
+        sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(ROOT / "examples" / "demo.yaml"),
+        "--set", f"output={tmp_path}", "--set", "search.num_trials=3",
+        "--set", "train.max_train_steps=10", "--set", "eval.interval=5", "--set", "eval.seeds=[0]",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out_dir = tmp_path / "demo"
+    best = out_dir / "best.safetensors"
+    info = json.loads((out_dir / "best.json").read_text())
+    assert proc.stdout.strip().splitlines()[-1] == f"best LoRA: {best}"
+    with safe_open(str(best), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("unet.") for k in keys)
+    assert set(info["params"]) == {"learning_rate", "rank"}
+    assert info["objective"]["metric"] == "clip_score" and info["objective"]["value"] >= 0
+    # The table lists all three trials, and the winner has the table's best score.
+    table = [ln for ln in proc.stdout.splitlines() if ln.split() and ln.split()[-3:-2] == ["complete"]]
+    assert len(table) == 3, proc.stdout
+    scores = [float(ln.split()[-4]) for ln in table]
+    assert info["objective"]["value"] == pytest.approx(max(scores), rel=1e-3)

@@ -1,0 +1,162 @@
+"""Datasets: kohya folders (`<repeats>_<trigger> <class>/` + .txt captions) and the generated demo set."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+CAPTION_EXTENSIONS = (".txt", ".caption")
+DEMO_DATASET_ID = "builtin:demo"
+DEMO_TRIGGER = "lswsks"
+DEMO_CLASS = "circle"
+_KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    image_path: Path
+    caption: str
+
+
+def load_kohya_folder(root: str | Path) -> list[Example]:
+    """Examples of a kohya dataset, each repeated as its folder's `<repeats>_` prefix says.
+
+    A missing caption file falls back to the folder's class tokens (`<trigger> <class>`),
+    as kohya sd-scripts does.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; point `dataset` at a folder of `<repeats>_<name>/` subfolders")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and _KOHYA_DIR.match(d.name))
+    if not subdirs:
+        raise DatasetError(
+            f"dataset folder {root} has no kohya subfolders; expected e.g. `{root}/10_mytrigger myclass/` holding images and .txt captions"
+        )
+    examples: list[Example] = []
+    for sub in subdirs:
+        repeats_str, class_tokens = _KOHYA_DIR.match(sub.name).groups()
+        images = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        for image in images:
+            caption = _read_caption(image) or class_tokens
+            examples.extend([Example(image, caption)] * int(repeats_str))
+    if not examples:
+        raise DatasetError(f"dataset folder {root} has kohya subfolders but no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return examples
+
+
+def _read_caption(image: Path) -> str | None:
+    for ext in CAPTION_EXTENSIONS:
+        path = image.with_suffix(ext)
+        if path.is_file():
+            return path.read_text(encoding="utf-8").strip()
+    return None
+
+
+def resolve_dataset(dataset: str, cache_root: Path) -> Path:
+    """Turn `builtin:demo` into the generated demo folder; anything else is a path."""
+    if dataset == DEMO_DATASET_ID:
+        return ensure_demo_dataset(cache_root / "datasets" / "demo")
+    return Path(dataset).expanduser()
+
+
+def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: np.random.Generator) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop square, optionally flip; CHW in [-1, 1]."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except OSError as err:
+        raise DatasetError(f"cannot read image {path}: {err}; remove or replace the file") from None
+    scale = resolution / min(im.size)
+    im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), Image.BICUBIC)
+    if center_crop:
+        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+    else:
+        left = int(rng.integers(0, im.width - resolution + 1))
+        top = int(rng.integers(0, im.height - resolution + 1))
+    im = im.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class EpochSampler:
+    """Shuffled epochs over the examples, resumable exactly from its state."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples = num_examples
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.num_examples, generator=g).tolist()
+
+    def next_indices(self, count: int) -> list[int]:
+        out = []
+        order = self._order()
+        while len(out) < count:
+            if self.position >= self.num_examples:
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            out.append(order[self.position])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_examples": self.num_examples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_examples"] != self.num_examples:
+            raise DatasetError(
+                f"checkpoint was taken on a dataset of {state['num_examples']} examples, this one has {self.num_examples}"
+            )
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+# --- the generated demo dataset ---------------------------------------------------------------
+
+_BACKGROUNDS = [("white", (235, 235, 235)), ("blue", (40, 70, 200)), ("green", (40, 160, 60)), ("black", (20, 20, 20))]
+
+
+def ensure_demo_dataset(folder: Path, count: int = 12, size: int = 64, seed: int = 0) -> Path:
+    """A small kohya-layout dataset of red circles on varied backgrounds, captions with a trigger word.
+
+    Written once; written to a temporary folder and renamed so concurrent callers never see half of it.
+    """
+    folder = Path(folder)
+    if (folder / ".complete").exists():
+        return folder
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    sub = tmp / f"10_{DEMO_TRIGGER} {DEMO_CLASS}"
+    sub.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        bg_name, bg = _BACKGROUNDS[i % len(_BACKGROUNDS)]
+        im = Image.new("RGB", (size, size), bg)
+        radius = int(rng.integers(size // 6, size // 3))
+        cx, cy = (int(v) for v in rng.integers(radius, size - radius, size=2))
+        ImageDraw.Draw(im).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(220, 30, 30))
+        im.save(sub / f"img_{i:03d}.png")
+        (sub / f"img_{i:03d}.txt").write_text(f"{DEMO_TRIGGER}, a red circle on a {bg_name} background\n")
+    (tmp / ".complete").touch()
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        # Another process finished first; its copy is identical.
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
