@@ -71,7 +71,7 @@ def _best_value(result, spec: SweepSpec) -> float | None:
 
 def _scored_checkpoints(result, spec: SweepSpec) -> list[tuple[tune.Checkpoint, float]]:
     """The trial's checkpoints with their objective, best first."""
-    metric, sign = spec.objective.metric, (-1 if spec.objective.mode == "max" else 1)
+    metric, sign = spec.primary.metric, (-1 if spec.primary.mode == "max" else 1)
     pairs = [
         (ckpt, float(m[metric]))
         for ckpt, m in (result.best_checkpoints or [])
@@ -87,8 +87,8 @@ def export_best(grid: tune.ResultGrid, spec: SweepSpec) -> Path:
         for ckpt, value in _scored_checkpoints(result, spec)[:1]:
             candidates.append((value, result, ckpt))
     if not candidates:
-        raise RuntimeError(f"no trial reported a finite {spec.objective.metric}; nothing to export (see the trial errors above)")
-    reverse = spec.objective.mode == "max"
+        raise RuntimeError(f"no trial reported a finite {spec.primary.metric}; nothing to export (see the trial errors above)")
+    reverse = spec.primary.mode == "max"
     value, result, ckpt = sorted(candidates, key=lambda c: c[0], reverse=reverse)[0]
     out_dir = spec.output_dir
     with ckpt.as_directory() as src:
@@ -98,7 +98,7 @@ def export_best(grid: tune.ResultGrid, spec: SweepSpec) -> Path:
     info = {
         "sweep": spec.name,
         "trial_id": (result.metrics or {}).get("trial_id"),
-        "objective": {"metric": spec.objective.metric, "mode": spec.objective.mode, "value": value},
+        "objective": {"metric": spec.primary.metric, "mode": spec.primary.mode, "value": value},
         "params": trial_info["params"],
         "metrics": trial_info["metrics"],
         "train_config": spec.train_config(trial_info["params"]).model_dump(),

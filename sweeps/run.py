@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"sweep {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at a time, output {spec.output_dir}", flush=True)
     grid = run_sweep(spec, args.address)
-    print("\n" + format_table(trial_rows(grid, spec), spec.objective.metric))
+    print("\n" + format_table(trial_rows(grid, spec), spec.primary.metric))
     best = export_best(grid, spec)
     print(f"\nbest config and score: {best.with_name('best.json')}")
     print(f"best LoRA: {best}")

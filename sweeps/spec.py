@@ -34,6 +34,10 @@ class ParamSpace(_Strict):
     high: float | None = None
     log: bool = Field(False, description="For int: sample on a log scale.")
     values: list[Any] | None = Field(None, description="For choice: the candidates.")
+    when: dict[str, Any] | None = Field(
+        None, description="Condition: search this field only when other fields take these values, "
+        "e.g. {lr_scheduler: cosine_with_restarts}; otherwise the fixed/default value is used."
+    )
 
     def problems(self) -> list[str]:
         if self.type == "choice":
@@ -60,8 +64,10 @@ class EvalSpec(_Strict):
     """What each trial is scored on."""
 
     interval: int = Field(50, ge=1, description="Training steps between evaluations.")
-    prompts: list[str] = Field(min_length=1, description="Prompts; `{trigger}` is replaced by the trigger word.")
+    suite: str | None = Field(None, description="Prompt-suite YAML (see evaluator); replaces `prompts` when given.")
+    prompts: list[str] = Field(default_factory=list, description="Prompts; `{trigger}` is replaced by the trigger word.")
     seeds: list[int] = Field([0, 1], min_length=1, description="Each prompt is sampled once per seed.")
+    class_word: str | None = Field(None, description="Fills `{class}` in prompts (e.g. `outfit`, `dog`).")
 
 
 class EvaluatorSpec(_Strict):
@@ -75,10 +81,42 @@ class ObjectiveSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["tpe", "random", "grid", "gp", "nsga2"] = Field(
+        "tpe", description="Optuna sampler; tpe is multivariate with constant liar for parallel trials."
+    )
     num_trials: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
     seed: int = 0
+    initial_configs: list[dict[str, Any]] = Field(
+        default_factory=list, description="Configs evaluated first (e.g. known-good settings)."
+    )
+
+
+class PrunerSpec(_Strict):
+    type: Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon", "asha"] = "none"
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the pruner.")
+
+
+class WandbSpec(_Strict):
+    enabled: bool = False
+    project: str = "lorasweep"
+    entity: str | None = None
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="online also needs WANDB_API_KEY in the environment (never in the spec)."
+    )
+
+
+class TrackingSpec(_Strict):
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+
+class ExportSpec(_Strict):
+    top_k: int = Field(1, ge=1, description="How many of the best LoRAs to export.")
+    formats: list[Literal["kohya", "diffusers"]] = Field(["kohya", "diffusers"], min_length=1)
+
+
+class FailureSpec(_Strict):
+    max_failures: int = Field(2, ge=0, description="Retries of a trial whose worker died (resumes from its checkpoint).")
 
 
 class ResourcesSpec(_Strict):
@@ -88,7 +126,7 @@ class ResourcesSpec(_Strict):
 
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Sweep id; names the output folder.")
-    output: str = Field("runs", description="Folder (or URI) where trials and the export go.")
+    storage: str = Field("runs", description="Folder or URI (s3://, gs://) where trials, the study and the export go.")
     base_model: str
     dataset: str
     trigger_word: str | None = None
@@ -96,9 +134,22 @@ class SweepSpec(_Strict):
     space: dict[str, Any] = Field(default_factory=dict, description="Searched TrainConfig fields.")
     eval: EvalSpec
     evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
-    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    objective: ObjectiveSpec | list[ObjectiveSpec] = Field(default_factory=ObjectiveSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+
+    @property
+    def objectives(self) -> list[ObjectiveSpec]:
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    @property
+    def primary(self) -> ObjectiveSpec:
+        """The objective that ranks trials for export and pruning (the first one)."""
+        return self.objectives[0]
 
     def searched(self) -> dict[str, ParamSpace]:
         return {k: ParamSpace(**v) for k, v in self.space.items() if isinstance(v, dict)}
@@ -115,13 +166,31 @@ class SweepSpec(_Strict):
 
     def eval_prompts(self) -> tuple[list[str], list[int]]:
         """Every (prompt, seed) pair, prompts with the trigger word filled in."""
-        trigger = self.trigger_word or ""
-        pairs = [(p.replace("{trigger}", trigger).strip(" ,"), s) for p in self.eval.prompts for s in self.eval.seeds]
+        trigger, cls = self.trigger_word or "", self.eval.class_word or ""
+        pairs = [
+            (p.replace("{trigger}", trigger).replace("{class}", cls).strip(" ,"), s)
+            for p in self.eval.prompts
+            for s in self.eval.seeds
+        ]
         return [p for p, _ in pairs], [s for _, s in pairs]
 
     @property
+    def is_remote(self) -> bool:
+        return "://" in self.storage
+
+    @property
+    def storage_uri(self) -> str:
+        """Where Ray Tune keeps this sweep's experiment (a local absolute path or a URI)."""
+        if self.is_remote:
+            return self.storage.rstrip("/")
+        return str(Path(self.storage).expanduser().resolve())
+
+    @property
     def output_dir(self) -> Path:
-        return Path(self.output).expanduser().resolve() / self.name
+        """Local folder of this sweep (exports, study); for remote storage a local mirror under ./runs."""
+        if self.is_remote:
+            return Path("runs").resolve() / self.name
+        return Path(self.storage_uri) / self.name
 
 
 def _space_problems(spec: SweepSpec) -> list[str]:

@@ -37,8 +37,8 @@ def make_searcher(spec: SweepSpec) -> ConcurrencyLimiter:
     space = {name: optuna_distribution(p) for name, p in spec.searched().items()}
     searcher = OptunaSearch(
         space=space,
-        metric=spec.objective.metric,
-        mode=spec.objective.mode,
+        metric=spec.primary.metric,
+        mode=spec.primary.mode,
         sampler=make_sampler(spec),
     )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
@@ -66,13 +66,13 @@ def build_tuner(spec: SweepSpec) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(spec),
             num_samples=spec.search.num_trials,
-            metric=spec.objective.metric,
-            mode=spec.objective.mode,
+            metric=spec.primary.metric,
+            mode=spec.primary.mode,
         ),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=str(spec.output_dir),
-            callbacks=[ProgressPrinter(spec.objective.metric)],
+            storage_path=f"{spec.storage_uri}/{spec.name}",
+            callbacks=[ProgressPrinter(spec.primary.metric)],
             verbose=0,
         ),
     )

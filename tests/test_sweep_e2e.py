@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sweep_of_three_trials_exports_best(tmp_path):
     cmd = [
         sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(ROOT / "examples" / "demo.yaml"),
-        "--set", f"output={tmp_path}", "--set", "search.num_trials=3",
+        "--set", f"storage={tmp_path}", "--set", "search.num_trials=3",
         "--set", "train.max_train_steps=10", "--set", "eval.interval=5", "--set", "eval.seeds=[0]",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

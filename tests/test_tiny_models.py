@@ -1,8 +1,10 @@
 """The tiny SD 1.x model the project builds, its two saved layouts, and base-model loading."""
 
+import fcntl
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -201,16 +203,29 @@ def test_folder_without_model_index_and_unknown_builtin(tmp_path):
 
 
 def test_concurrent_builds_do_not_corrupt(tmp_path):
-    code = "import sys; from trainer.tiny import ensure_tiny_sd; print(ensure_tiny_sd(sys.argv[1]))"
+    """Two processes enter ensure_tiny_sd together on an empty cache (and a crashed build left a
+    temporary folder): both get the same complete folder."""
+    models = tmp_path / "models"
+    (models / ".tiny-sd-v1.tmp-crashed").mkdir(parents=True)
+    code = (
+        "import sys; from trainer.tiny import ensure_tiny_sd; print('ready', flush=True); "
+        "print(ensure_tiny_sd(sys.argv[1]))"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
+    with open(models / "tiny-sd-v1.lock", "a") as lock:
+        # Hold the build lock until both have imported, so that they really race for it.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        time.sleep(0.2)
+        fcntl.flock(lock, fcntl.LOCK_UN)
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
-    folder = tmp_path / "models" / "tiny-sd-v1"
+    folder = models / "tiny-sd-v1"
     assert outs == [str(folder)] * 2
-    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")) == ["tiny-sd-v1"]
+    assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == ["tiny-sd-v1"]
     assert_same_weights(StableDiffusionPipeline.from_pretrained(folder), build_tiny_sd_pipeline())
     assert ensure_tiny_sd(tmp_path) == folder  # found, not rebuilt

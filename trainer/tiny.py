@@ -188,6 +188,12 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _remove_leftovers(models: Path, prefix: str) -> None:
+    # Temporary builds of a killed process; only lock holders create them, so none is in use.
+    for stale in models.glob(prefix + "*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
 def _folder_is_current(folder: Path) -> bool:
     try:
         return json.loads((folder / _MARKER).read_text()).get("recipe") == TINY_SD_RECIPE
@@ -204,6 +210,7 @@ def ensure_tiny_sd(root: Path | str | None = None) -> Path:
     with _exclusive(models / f"{_FOLDER}.lock"):
         if _folder_is_current(folder):  # another process built it while we waited
             return folder
+        _remove_leftovers(models, f".{_FOLDER}.tmp-")
         tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}.tmp-", dir=models))
         try:
             build_tiny_sd_pipeline().save_pretrained(tmp, safe_serialization=True)
@@ -237,6 +244,7 @@ def ensure_tiny_sd_single_file(root: Path | str | None = None) -> Path:
     with _exclusive(folder.parent / f"{_SINGLE_FILE}.lock"):
         if _file_is_current(path):
             return path
+        _remove_leftovers(folder.parent, f".{_SINGLE_FILE}.tmp-")
         state = diffusers_folder_to_ldm_state_dict(folder)
         fd, tmp = tempfile.mkstemp(prefix=f".{_SINGLE_FILE}.tmp-", dir=folder.parent)
         os.close(fd)
