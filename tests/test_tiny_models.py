@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,9 +70,8 @@ def test_folder_round_trip_and_sampling(tiny_sd_dir, folder_pipe):
     assert_same_weights(folder_pipe, build_tiny_sd_pipeline())
     assert folder_pipe.safety_checker is None
     folder_pipe.set_progress_bar_config(disable=True)
-    image = folder_pipe(
-        "a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
-    ).images
+    generator = torch.Generator().manual_seed(0)
+    image = folder_pipe("a photo of a cat", num_inference_steps=2, generator=generator, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
     assert (image >= 0).all() and (image <= 1).all()
 
@@ -92,7 +92,8 @@ def test_tokenizer_matches_open_clip(folder_pipe):
 
     reference = SimpleTokenizer()
     tok = folder_pipe.tokenizer
-    for text in ["a photo of a cat", "nosnjaoutfit, a woman in traditional clothing!", "sks dog 2024 naïve café"]:
+    texts = ["a photo of a cat", "nosnjaoutfit, a woman in traditional clothing!", "sks dog 2024 naïve café"]
+    for text in texts:
         expected = [reference.sot_token_id, *reference.encode(text), reference.eot_token_id]
         assert tok(text).input_ids == expected
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
@@ -180,6 +181,23 @@ def test_single_file_without_config_needs_local_config(no_hub, tiny_sd_file):
         load_sd_components(tiny_sd_file)
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
+def test_hub_id_loads_from_local_hf_cache_when_offline(
+    no_hub, monkeypatch, tmp_path, tiny_sd_dir, tiny_sd_file, folder_pipe
+):
+    # A cluster with a pre-filled HF cache and HF_HUB_OFFLINE=1: hub ids still work, from the cache.
+    repo, commit = "lorasweep/tiny-sd", "0" * 40
+    repo_cache = tmp_path / "models--lorasweep--tiny-sd"
+    shutil.copytree(tiny_sd_dir, repo_cache / "snapshots" / commit)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    from_hub_id = load_sd_components(repo)
+    assert from_hub_id.source == repo
+    assert_same_weights(from_hub_id, folder_pipe)
+    assert_same_weights(load_sd_components(tiny_sd_file, config=repo), folder_pipe)
+
+
 @pytest.mark.parametrize("name", ["/no/such/dir/model.safetensors", "./missing/tiny-sd", "~/nowhere/x/y"])
 def test_missing_local_path_is_named(name):
     with pytest.raises(BaseModelNotFoundError) as err:
@@ -215,10 +233,8 @@ def test_concurrent_builds_do_not_corrupt(tmp_path):
     with open(models / "tiny-sd-v1.lock", "a") as lock:
         # Hold the build lock until both have imported, so that they really race for it.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        procs = [
-            subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-            for _ in range(2)
-        ]
+        cmd = [sys.executable, "-c", code, str(tmp_path)]
+        procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
         assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
         time.sleep(0.2)
         fcntl.flock(lock, fcntl.LOCK_UN)

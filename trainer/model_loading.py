@@ -139,10 +139,10 @@ def resolve_base_model(name: str) -> tuple[str, str]:
         return "folder", str(path.resolve())
     if path.is_file():
         if suffix not in SINGLE_FILE_SUFFIXES:
-            raise BaseModelError(f"{name!r}: unsupported file type {suffix!r}; expected a .safetensors checkpoint")
+            raise BaseModelError(f"{name!r}: unsupported file type {suffix!r}; expected a .safetensors file")
         return "single_file", str(path.resolve())
     if _looks_local(name):
-        raise BaseModelNotFoundError(f"base model not found: {name!r} ({path}) is neither a file nor a folder")
+        raise BaseModelNotFoundError(f"base model not found: {name!r} ({path}) is no file or folder")
     return "hub", name
 
 
@@ -178,6 +178,14 @@ def _probe_hub(repo_id: str) -> str | None:
     return None
 
 
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local HF-cache folder of `repo_id` (a diffusers repo), if it was downloaded before."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "model_index.json")
+    return str(Path(hit).parent) if isinstance(hit, str) else None
+
+
 def _load_diffusers_layout(
     source: str, dtype: torch.dtype, name: str, is_hub: bool, hub_problem: str | None = None
 ) -> SDComponents:
@@ -191,7 +199,9 @@ def _load_diffusers_layout(
             text_encoder=CLIPTextModel.from_pretrained(
                 source, subfolder="text_encoder", dtype=dtype, use_safetensors=True, **offline
             ),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dtype, use_safetensors=True, **offline),
+            vae=AutoencoderKL.from_pretrained(
+                source, subfolder="vae", dtype=dtype, use_safetensors=True, **offline
+            ),
             unet=UNet2DConditionModel.from_pretrained(
                 source, subfolder="unet", dtype=dtype, use_safetensors=True, **offline
             ),
@@ -213,26 +223,36 @@ def _load_diffusers_layout(
         ) from err
 
 
-def _load_single_file(path: str, config: str | os.PathLike | None, dtype: torch.dtype, name: str) -> SDComponents:
+def _load_single_file(
+    path: str, config: str | os.PathLike | None, dtype: torch.dtype, name: str
+) -> SDComponents:
     """An original-SD (LDM) checkpoint via diffusers' from_single_file. With a local `config`
     folder nothing is fetched: models take their configs from it and their weights from the file;
-    the tokenizer and scheduler come from the folder."""
-    local_config = config is not None and Path(config).expanduser().is_dir()
-    if local_config:
-        config = str(Path(config).expanduser().resolve())
-    elif (why := _probe_hub(str(config or SD1_DEFAULT_CONFIG_REPO))) is not None:
-        # diffusers would retry config downloads for minutes (it even overrides local_files_only).
-        raise BaseModelError(
-            f"could not load the single-file checkpoint {path!r}: its pipeline configs "
-            f"({str(config or SD1_DEFAULT_CONFIG_REPO)!r} on the hub) are out of reach ({why}). Pass "
-            "config=<local diffusers SD 1.x folder> (model_index.json, tokenizer/ and the component "
-            "configs; its weights are not used)."
-        )
+    the tokenizer and scheduler come from the folder. A hub `config` (or none: diffusers then
+    picks the SD 1.5 repo) needs the hub, or a copy of that repo in the local HF cache."""
+    if config is not None and Path(config).expanduser().is_dir():
+        config_dir = str(Path(config).expanduser().resolve())
+    else:
+        repo = str(config or SD1_DEFAULT_CONFIG_REPO)
+        why = _probe_hub(repo)
+        config_dir = None if why is None else _cached_snapshot(repo)
+        if why is not None and config_dir is None:
+            # Left to diffusers, this retries config downloads for minutes (it even drops
+            # local_files_only when the configs are not cached).
+            raise BaseModelError(
+                f"could not load the single-file checkpoint {path!r}: its pipeline configs ({repo!r} "
+                f"on the hub) are out of reach ({why}) and not in the local HF cache. Pass "
+                "config=<local diffusers SD 1.x folder> (model_index.json, tokenizer/ and the component "
+                "configs; its weights are not used)."
+            )
+    if config_dir:
+        where = {"config": config_dir, "local_files_only": True}
+    else:
+        where = {"config": str(config)} if config else {}
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             path,
-            **({"config": str(config)} if config else {}),
-            local_files_only=local_config,
+            **where,
             dtype=dtype,
             safety_checker=None,
             feature_extractor=None,

@@ -17,6 +17,7 @@ import fcntl
 import gzip
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+log = logging.getLogger(__name__)
 
 TINY_SD_ID = "builtin:tiny-sd"
 TINY_SD_FILE_ID = "builtin:tiny-sd-file"
@@ -76,7 +79,8 @@ def _models_dir(root: Path | str | None) -> Path:
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points
     from 256 up, so that every byte is a visible character the BPE merges can refer to."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
     table = {b: chr(b) for b in keep}
     extra = 0
     for b in range(256):
@@ -96,7 +100,8 @@ def _open_clip_bpe_path() -> Path:
 
 def write_clip_bpe_files(dest: Path | str) -> None:
     """Write `vocab.json` + `merges.txt` in the HF CLIP layout, ids as open_clip assigns them."""
-    lines = gzip.open(_open_clip_bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(_open_clip_bpe_path(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
     byte_chars = list(_byte_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
@@ -191,7 +196,10 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 def _remove_leftovers(models: Path, prefix: str) -> None:
     # Temporary builds of a killed process; only lock holders create them, so none is in use.
     for stale in models.glob(prefix + "*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
 
 
 def _folder_is_current(folder: Path) -> bool:
@@ -212,14 +220,16 @@ def ensure_tiny_sd(root: Path | str | None = None) -> Path:
             return folder
         _remove_leftovers(models, f".{_FOLDER}.tmp-")
         tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}.tmp-", dir=models))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             build_tiny_sd_pipeline().save_pretrained(tmp, safe_serialization=True)
             # Also the classic tokenizer files, as SD 1.5's folder has them (older loaders need them).
             write_clip_bpe_files(tmp / "tokenizer")
             (tmp / _MARKER).write_text(json.dumps({"recipe": TINY_SD_RECIPE, "seed": 0}))
-            if folder.exists():  # stale recipe or a crashed build that got renamed
+            if folder.exists():  # an older recipe's build
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
+            log.info("built the tiny SD pipeline at %s", folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -248,9 +258,11 @@ def ensure_tiny_sd_single_file(root: Path | str | None = None) -> Path:
         state = diffusers_folder_to_ldm_state_dict(folder)
         fd, tmp = tempfile.mkstemp(prefix=f".{_SINGLE_FILE}.tmp-", dir=folder.parent)
         os.close(fd)
+        os.chmod(tmp, 0o644)
         try:
             save_file(state, tmp, metadata={"format": "pt", "lorasweep_recipe": TINY_SD_RECIPE})
             os.replace(tmp, path)
+            log.info("wrote the tiny SD single-file checkpoint %s", path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -331,7 +343,7 @@ def vae_key_to_ldm(key: str, num_blocks: int) -> str:
         return f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", key):
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_[qkv]|to_out\.0)\.(.+)", key):
         return f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
     if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(post_)?quant_conv\..+", key):
         return key
