@@ -21,38 +21,12 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from evaluator.common import DEFAULT_MODEL, DEFAULT_PRETRAINED, validate_images  # noqa: F401
 from evaluator.tiny import TINY_CLIP_ID, TINY_CLIP_NAME, ensure_tiny_clip, register_tiny_clip
 
-# For real scoring: ViT-L/14 with OpenAI's weights, the CLIP that SD 1.x's text encoder comes
-# from and the one most CLIP-score numbers in papers use. OpenAI trained it with QuickGELU, so
-# the `-quickgelu` config is the one that matches those weights.
-DEFAULT_MODEL = "ViT-L-14-quickgelu"
-DEFAULT_PRETRAINED = "openai"
 
 _SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip reads config and weights from these itself
 _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
-
-
-def validate_images(images: object) -> None:
-    """Raise a clear error unless `images` is a non-empty uint8 (N, H, W, 3) array."""
-    if not isinstance(images, np.ndarray):
-        raise TypeError("images must be a numpy array (N, H, W, 3) uint8, "
-                        f"got {type(images).__name__}")
-    if images.dtype != np.uint8:
-        hint = (" (floats in [0, 1]: use (x * 255).round().astype(np.uint8))"
-                if images.dtype.kind == "f" else "")
-        raise ValueError(f"images must have dtype uint8, got {images.dtype}{hint}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be 4-D (N, H, W, 3) NHWC, got shape {images.shape}")
-    if images.shape[-1] != 3:
-        hint = " (looks like NCHW: transpose to NHWC)" if images.shape[1] == 3 else ""
-        hint = hint or (" (RGBA: drop alpha with images[..., :3])" if images.shape[-1] == 4 else "")
-        raise ValueError("images must have 3 RGB channels in the last axis, "
-                         f"got shape {images.shape}{hint}")
-    if images.shape[0] == 0:
-        raise ValueError("no images to embed: got an empty batch (N == 0)")
-    if images.shape[1] == 0 or images.shape[2] == 0:
-        raise ValueError(f"images have zero height or width: shape {images.shape}")
 
 
 def _validate_texts(texts: object) -> list[str]:
@@ -182,6 +156,17 @@ class ClipModel:
             x = self.preprocess(images[start:start + batch_size])
             out.append(self._normalized(self.model.encode_image(x)))
         return torch.cat(out)
+
+    @torch.inference_mode()
+    def embed_image_list(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Embed several uint8 NHWC arrays (their sizes may differ) in ONE forward pass: each is
+        preprocessed to the model's size, then all rows go through the model together.
+        Returns one L2-normalized float32 CPU tensor per array. The caller bounds the total."""
+        for a in arrays:
+            validate_images(a)
+        x = torch.cat([self.preprocess(a) for a in arrays])
+        emb = self._normalized(self.model.encode_image(x))
+        return list(torch.split(emb, [len(a) for a in arrays]))
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""Score generated images against their prompts with a `ClipModel`."""
+"""Score generated images against their prompts with a `ClipModel`: plain prompt lists
+(`score_images`) and whole prompt suites (`evaluate_suite`, `suite_metrics`)."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from evaluator.clip_model import ClipModel, validate_images
-from evaluator.metrics import TORCHMETRICS_SCALE, clip_t
+from evaluator.metrics import (OBJECTIVE_COMPONENTS, TORCHMETRICS_SCALE, clip_i, clip_t,
+                               composite_objective, prior_preservation, trigger_effect)
+from evaluator.suites import CONCEPT_KINDS, KINDS, PROMPT_KINDS, SuiteItem, check_items, clip_texts
 
 
 def score_images(model: ClipModel, images: np.ndarray, prompts: list[str],
@@ -22,10 +26,86 @@ def score_images(model: ClipModel, images: np.ndarray, prompts: list[str],
         raise ValueError(f"need one prompt per image: got {len(images)} images "
                          f"and {len(prompts)} prompts")
     # Eval suites repeat each prompt over several seeds: embed each distinct prompt once.
-    unique = list(dict.fromkeys(prompts))
-    text_emb = model.embed_texts(unique)
-    where = {p: i for i, p in enumerate(unique)}
-    text_emb = text_emb[[where[p] for p in prompts]]
+    text_emb = _embed_unique(model, list(prompts))
     image_emb = model.embed_images(images, batch_size=batch_size)
     per_image = clip_t(image_emb, text_emb, scale=scale)
     return {"clip_score": float(per_image.mean()), "per_image": [float(s) for s in per_image]}
+
+
+def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: torch.Tensor,
+                  base_emb: torch.Tensor | None = None, train_emb: torch.Tensor | None = None,
+                  weights: dict[str, float] | None = None,
+                  scale: float = TORCHMETRICS_SCALE) -> dict:
+    """Every metric of an expanded suite, from embeddings (pure; the service calls this too).
+
+    image_emb: one row per item (the LoRA's images); text_emb: one row per item (the text
+    each image is scored against, see `evaluator.suites.clip_text`); base_emb: the base model's
+    images for the `no_concept` items, in item order (same prompts and seeds); train_emb: the
+    training images.
+
+    Returns clip_score (mean CLIP-T over the natural, new_setting and no_concept images),
+    clip_score_<kind> for each kind present, per_image (CLIP-T of every item), clip_i (over the
+    concept images: natural, new_setting, trigger_on), prior_preservation, trigger_effect
+    (None when their inputs are missing), objective with objective_terms/objective_skipped
+    (see `composite_objective`).
+    """
+    check_items(items, image_emb.shape[0])
+    per_image = clip_t(image_emb, text_emb, scale=scale)
+    kinds = [it[0] for it in items]
+
+    def idx(*wanted: str) -> list[int]:
+        return [i for i, k in enumerate(kinds) if k in wanted]
+
+    out: dict = {}
+    main = idx(*PROMPT_KINDS) or list(range(len(items)))
+    out["clip_score"] = float(per_image[main].mean())
+    for kind in KINDS:
+        if idx(kind):
+            out[f"clip_score_{kind}"] = float(per_image[idx(kind)].mean())
+    out["per_image"] = [float(s) for s in per_image]
+    concept = idx(*CONCEPT_KINDS)
+    out["clip_i"] = (clip_i(image_emb[concept], train_emb)
+                     if train_emb is not None and concept else None)
+    none = idx("no_concept")
+    if base_emb is not None and none:
+        if base_emb.shape[0] != len(none):
+            raise ValueError(f"need one base-model image per no_concept item: got "
+                             f"{base_emb.shape[0]} base-model images for {len(none)} items")
+        out["prior_preservation"] = prior_preservation(image_emb[none], base_emb)
+    else:
+        out["prior_preservation"] = None
+    on, off = idx("trigger_on"), idx("trigger_off")
+    out["trigger_effect"] = trigger_effect(per_image[on], per_image[off]) if on else None
+    comp = {k: out[k] for k in OBJECTIVE_COMPONENTS}
+    obj = composite_objective(comp, weights)
+    out.update(objective=obj["objective"], objective_terms=obj["terms"],
+               objective_skipped=obj["skipped"])
+    return out
+
+
+def evaluate_suite(model: ClipModel, items: list[SuiteItem], images: np.ndarray,
+                   trigger: str | None = None, base_images: np.ndarray | None = None,
+                   train_images: np.ndarray | None = None, train_emb: torch.Tensor | None = None,
+                   weights: dict[str, float] | None = None, keep_trigger: bool = False,
+                   scale: float = TORCHMETRICS_SCALE) -> dict:
+    """`suite_metrics` of the LoRA's `images` (one per item of `expand_suite`, uint8 NHWC).
+
+    base_images: the base model's images for the no_concept items (in item order);
+    train_images or train_emb (precomputed): the training images, for CLIP-I.
+    """
+    validate_images(images)
+    check_items(items, images.shape[0])
+    texts = clip_texts(items, trigger, keep_trigger)
+    image_emb = model.embed_images(images)
+    text_emb = _embed_unique(model, texts)
+    base_emb = model.embed_images(base_images) if base_images is not None else None
+    if train_emb is None and train_images is not None:
+        train_emb = model.embed_images(train_images)
+    return suite_metrics(items, image_emb, text_emb, base_emb, train_emb, weights, scale)
+
+
+def _embed_unique(model: ClipModel, texts: list[str]) -> torch.Tensor:
+    unique = list(dict.fromkeys(texts))
+    emb = model.embed_texts(unique)
+    where = {p: i for i, p in enumerate(unique)}
+    return emb[[where[p] for p in texts]]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from evaluator.tiny import TINY_CLIP_ID, ensure_tiny_clip
 from sweeps.spec import SpecError, SweepSpec
-from trainer.data import DatasetError, load_kohya_folder, resolve_dataset
+from trainer.data import DatasetError, resolve_dataset
+from trainer.datasets import load_train_data
 from trainer.tiny import TINY_SD_FILE_ID, TINY_SD_ID, cache_root, ensure_tiny_sd, ensure_tiny_sd_single_file
 
 
@@ -26,10 +27,29 @@ def _resolve_base_model(base_model: str) -> str:
 def prepare_sweep(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
     """A copy of `spec` with built-ins built and local paths made absolute; dataset problems raise SpecError."""
     dataset = resolve_dataset(spec.dataset, cache_root()).expanduser().resolve()
-    try:
-        load_kohya_folder(dataset)
+    prepared = spec.model_copy(update={"dataset": str(dataset)})
+    try:  # every layout the trainer reads (kohya, imagefolder, dreambooth), with its own checks
+        load_train_data(prepared.train_config({}))
     except DatasetError as err:
         raise SpecError(source, [f"dataset: {err}"]) from None
     if spec.evaluator.model == TINY_CLIP_ID:
         ensure_tiny_clip()
-    return spec.model_copy(update={"dataset": str(dataset), "base_model": _resolve_base_model(spec.base_model)})
+    prepared = prepared.model_copy(update={"base_model": _resolve_base_model(spec.base_model)})
+    build_dataset_caches(prepared)
+    return prepared
+
+
+def build_dataset_caches(spec: SweepSpec) -> None:
+    """Latents and text embeddings, once per sweep before the first trial (when trainer.cache provides them)."""
+    try:
+        from trainer.cache import build_caches
+    except ImportError:
+        return
+    from sweeps.trainable import _quiet_libraries
+
+    _quiet_libraries()
+    searched = spec.searched().get("clip_skip")
+    clip_skips = [int(v) for v in searched.extremes()] if searched is not None else None
+    if searched is not None and searched.type == "int":
+        clip_skips = list(range(clip_skips[0], clip_skips[1] + 1))
+    build_caches(spec.train_config({}), clip_skips=clip_skips)

@@ -29,8 +29,22 @@ class ProgressPrinter(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         print(f"{self._stamp()} trial {trial.trial_id} finished", flush=True)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(f"{self._stamp()} trial {trial.trial_id} lost its worker; retrying from its last checkpoint "
+              f"({_last_error_line(trial)})", flush=True)
+
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{self._stamp()} trial {trial.trial_id} FAILED (see {trial.local_path}/error.txt)", flush=True)
+        print(f"{self._stamp()} trial {trial.trial_id} FAILED: {_last_error_line(trial)}", flush=True)
+
+
+def _last_error_line(trial) -> str:
+    """The exception line of the trial's error file, e.g. `TrialFailed: training diverged: loss became nan ...`."""
+    try:
+        with open(trial.error_file) as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except (OSError, TypeError):
+        return "see the trial's error.txt"
+    return lines[-1][:300] if lines else "see the trial's error.txt"
 
 
 def _fmt(value) -> str:

@@ -1,19 +1,25 @@
-"""After the sweep: the table of trials and the winner's LoRA with its config and score."""
+"""The sweep's trials as read back from its storage: rows for the results table, scored checkpoints for export.
+
+Read from Ray's experiment state (ExperimentAnalysis), so the same code serves the end of a
+sweep, `--status` while another driver runs it, and `--export-only` over a finished one.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from dataclasses import dataclass, field
 
 from ray import tune
+from ray.tune import ExperimentAnalysis, ResultGrid
 
+from sweeps import storage
 from sweeps.spec import SweepSpec
-from sweeps.trainable import LORA_FILE, SAMPLES_FILE
+
+EXPERIMENT = "tune"  # Ray's experiment folder inside the sweep folder
+FAILURES = "failures"  # <sweep>/failures/<trial id>.json: why a trial failed for good (see trainable)
+STATES = {"RUNNING": "running", "PENDING": "pending", "PAUSED": "pending", "ERROR": "failed", "TERMINATED": "complete"}
 
 
 @dataclass
@@ -24,104 +30,120 @@ class TrialRow:
     state: str
     steps: int | None
     wall_s: float | None
+    reason: str | None = None
+    values: dict = field(default_factory=dict)  # best checkpoint's value of every objective
 
 
-def trial_rows(grid: tune.ResultGrid, spec: SweepSpec) -> list[TrialRow]:
-    rows = []
-    for result in grid:
-        m = result.metrics or {}
-        value = _best_value(result, spec)
-        rows.append(
-            TrialRow(
-                trial_id=m.get("trial_id", Path(result.path).name),
-                params={k: v for k, v in (result.config or {}).items()},
-                objective=value,
-                state="failed" if result.error else "complete",
-                steps=m.get("step"),
-                wall_s=m.get("time_total_s"),
-            )
-        )
-    return rows
+@dataclass
+class TrialRecord:
+    row: TrialRow
+    result: tune.Result
 
 
-def format_table(rows: list[TrialRow], metric: str) -> str:
+def sweep_uri(spec: SweepSpec) -> str:
+    """The sweep's folder in its storage (local path or URI): experiment, failures, export."""
+    return storage.join(spec.storage_uri, spec.name)
+
+
+def experiment_path(spec: SweepSpec) -> str:
+    return storage.join(sweep_uri(spec), EXPERIMENT)
+
+
+def load_records(spec: SweepSpec) -> list[TrialRecord]:
+    """Every trial of the sweep, read from its storage, in creation order."""
+    experiment = experiment_path(spec)
+    if not tune.Tuner.can_restore(experiment):
+        raise FileNotFoundError(f"{experiment}: no sweep state here yet (has the sweep started? is `storage:` right?)")
+    analysis = ExperimentAnalysis(experiment)
+    grid = ResultGrid(analysis)
+    pruned = _pruned_trials(spec, experiment)
+    failures = storage.join(sweep_uri(spec), FAILURES)
+    return [TrialRecord(_row(trial, result, spec, pruned, failures), result) for trial, result in zip(analysis.trials, grid)]
+
+
+def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures: str) -> TrialRow:
+    last = trial.last_result or {}
+    scored = scored_checkpoints(result, spec)
+    state = STATES.get(trial.status, trial.status.lower())
+    reason = None
+    if state == "failed":
+        reason = _failure_reason(failures, trial.trial_id, result)
+    elif state == "complete" and (trial.trial_id in pruned or _stopped_early(trial.config, last, spec)):
+        state = "pruned"
+    return TrialRow(
+        trial_id=trial.trial_id,
+        params=dict(trial.config or {}),
+        objective=scored[0][1][spec.primary.metric] if scored else None,
+        state=state,
+        steps=last.get("step"),
+        wall_s=last.get("time_total_s"),
+        reason=reason,
+        values={o.metric: scored[0][1].get(o.metric) for o in spec.objectives} if scored else {},
+    )
+
+
+def _pruned_trials(spec: SweepSpec, experiment: str) -> set[str]:
+    """Trial ids that the pruning scheduler stopped, from its record when sweeps.pruning keeps one."""
+    try:
+        from sweeps.search import load_pruned
+    except ImportError:
+        return set()
+    return set(load_pruned(Path(spec.output_dir) / "study"))
+
+
+def _stopped_early(params: dict, last: dict, spec: SweepSpec) -> bool:
+    """A trial that ended normally before its step budget was stopped by the scheduler."""
+    if last.get("step") is None:
+        return False
+    budget = last.get("max_train_steps")
+    if budget is None:  # stub trainables: the spec's budget
+        try:
+            budget = spec.train_config(params or {}).max_train_steps
+        except Exception:  # an invalid config never trained; it is failed, not pruned
+            return False
+    return int(last["step"]) < budget
+
+
+def _failure_reason(failures: str, trial_id: str, result: tune.Result) -> str:
+    record = storage.join(failures, f"{trial_id}.json")
+    if storage.exists(record):
+        return json.loads(storage.read_text(record))["reason"]
+    lines = [ln for ln in str(result.error or "").splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "unknown error"
+
+
+def scored_checkpoints(result: tune.Result, spec: SweepSpec) -> list[tuple[tune.Checkpoint, dict]]:
+    """The trial's kept checkpoints with finite objective values, best (by the primary objective) first."""
+    metric, sign = spec.primary.metric, (-1 if spec.primary.mode == "max" else 1)
+    pairs = [
+        (ckpt, m) for ckpt, m in (result.best_checkpoints or [])
+        if all(_finite(m.get(o.metric)) for o in spec.objectives)
+    ]
+    return sorted(pairs, key=lambda p: sign * float(p[1][metric]))
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def format_table(rows: list[TrialRow], spec: SweepSpec) -> str:
     keys = sorted({k for r in rows for k in r.params})
+    metric = spec.primary.metric
     header = ["trial", *keys, metric, "state", "steps", "wall s"]
     body = [
-        [
-            r.trial_id,
-            *[_fmt(r.params.get(k)) for k in keys],
-            _fmt(r.objective),
-            r.state,
-            _fmt(r.steps),
-            _fmt(r.wall_s),
-        ]
+        [r.trial_id, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.objective), r.state, _fmt(r.steps), _fmt(r.wall_s)]
         for r in rows
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _best_value(result, spec: SweepSpec) -> float | None:
-    pairs = _scored_checkpoints(result, spec)
-    return pairs[0][1] if pairs else None
-
-
-def _scored_checkpoints(result, spec: SweepSpec) -> list[tuple[tune.Checkpoint, float]]:
-    """The trial's checkpoints with their objective, best first."""
-    metric, sign = spec.primary.metric, (-1 if spec.primary.mode == "max" else 1)
-    pairs = [
-        (ckpt, float(m[metric]))
-        for ckpt, m in (result.best_checkpoints or [])
-        if m.get(metric) is not None and math.isfinite(float(m[metric]))
-    ]
-    return sorted(pairs, key=lambda p: sign * p[1])
-
-
-def export_best(grid: tune.ResultGrid, spec: SweepSpec) -> Path:
-    """Copy the best checkpoint's LoRA to `<output>/best.safetensors`, its config and score to best.json."""
-    candidates = []
-    for result in grid:
-        for ckpt, value in _scored_checkpoints(result, spec)[:1]:
-            candidates.append((value, result, ckpt))
-    if not candidates:
-        raise RuntimeError(f"no trial reported a finite {spec.primary.metric}; nothing to export (see the trial errors above)")
-    reverse = spec.primary.mode == "max"
-    value, result, ckpt = sorted(candidates, key=lambda c: c[0], reverse=reverse)[0]
-    out_dir = spec.output_dir
-    with ckpt.as_directory() as src:
-        trial_info = json.loads((Path(src) / "trial.json").read_text())
-        _atomic_copy(Path(src) / LORA_FILE, out_dir / "best.safetensors")
-        _atomic_copy(Path(src) / SAMPLES_FILE, out_dir / "best_samples.png")
-    info = {
-        "sweep": spec.name,
-        "trial_id": (result.metrics or {}).get("trial_id"),
-        "objective": {"metric": spec.primary.metric, "mode": spec.primary.mode, "value": value},
-        "params": trial_info["params"],
-        "metrics": trial_info["metrics"],
-        "train_config": spec.train_config(trial_info["params"]).model_dump(),
-        "lora": str(out_dir / "best.safetensors"),
-        "format": "diffusers",
-    }
-    _atomic_write(out_dir / "best.json", json.dumps(info, indent=2, default=str))
-    return out_dir / "best.safetensors"
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _atomic_write(dst: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, dst)
+    failed = [f"  {r.trial_id}: {r.reason}" for r in rows if r.state == "failed"]
+    counts = {s: sum(r.state == s for r in rows) for s in ("complete", "pruned", "failed", "running", "pending")}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return "\n".join([*lines, "", f"{len(rows)} trials: {summary}", *(["failed trials:", *failed] if failed else [])])
 
 
 def _fmt(value) -> str:

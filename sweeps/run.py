@@ -1,4 +1,5 @@
-"""python sweeps/run.py --space search.yaml [--address ADDR] [--set key=value ...]"""
+"""python sweeps/run.py --space search.yaml [--address ADDR] [--set key=value ...]
+                      [--dry-run | --status | --export-only | --resume]"""
 
 from __future__ import annotations
 
@@ -12,28 +13,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="Ray cluster address; local Ray when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set search.num_trials=4 (repeatable)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the resolved sweep and its cost; start nothing")
+    mode.add_argument("--status", action="store_true", help="show the trials of this sweep from its storage; start nothing")
+    mode.add_argument("--export-only", action="store_true", help="export the winners of a finished sweep again")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue a killed sweep (also automatic when its storage already holds it)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing so --help is instant.
-    from sweeps.prepare import prepare_sweep
-    from sweeps.results import export_best, format_table, trial_rows
     from sweeps.spec import SpecError, load_spec
-    from sweeps.tuner import run_sweep
+    from sweeps.storage import StorageError
 
     try:
-        spec = prepare_sweep(load_spec(args.space, args.overrides), args.space)
-    except SpecError as err:
+        spec = load_spec(args.space, args.overrides)
+        if args.dry_run:
+            print(describe(spec))
+            return 0
+        if args.status:
+            from sweeps.status import sweep_status
+
+            print(sweep_status(spec))
+            return 0
+        return export_only(spec) if args.export_only else sweep(spec, args)
+    except (SpecError, StorageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"sweep {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at a time, output {spec.output_dir}", flush=True)
-    grid = run_sweep(spec, args.address)
-    print("\n" + format_table(trial_rows(grid, spec), spec.primary.metric))
-    best = export_best(grid, spec)
-    print(f"\nbest config and score: {best.with_name('best.json')}")
-    print(f"best LoRA: {best}")
+
+
+def describe(spec) -> str:
+    try:
+        from sweeps.dry_run import describe_sweep
+    except ImportError:  # until sweeps.dry_run lands
+        return spec.model_dump_json(indent=2)
+    return describe_sweep(spec)
+
+
+def sweep(spec, args) -> int:
+    from sweeps.prepare import prepare_sweep
+    from sweeps.tuner import run_sweep
+
+    spec = prepare_sweep(spec, args.space)
+    print(f"sweep {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at a time, "
+          f"output {spec.output_dir}", flush=True)
+    run_sweep(spec, args.address, resume=args.resume)
+    return export_only(spec)
+
+
+def export_only(spec) -> int:
+    from sweeps.export import export_sweep
+    from sweeps.results import format_table, load_records
+    from sweeps.tracking import sync_command
+
+    records = load_records(spec)
+    print("\n" + format_table([r.row for r in records], spec))
+    result = export_sweep(spec, records)
+    command = sync_command(spec)
+    if command:
+        print(f"\nW&B offline runs; upload them with:\n  {command}")
+    print(f"\nexported {len(result.manifest['entries'])} LoRA(s) with sha256 manifest: {result.manifest_uri}")
+    print(f"best config and score: {result.best.with_name('best.json')}")
+    print(f"best LoRA: {result.best}")
     return 0
 
 

@@ -5,13 +5,31 @@ Every problem is reported at once, each with its YAML path and what to do, befor
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.config import TrainConfig, TrainConfigError, build_train_config, format_validation_error
+
+# Metrics the trainable reports and an objective may name: the trainable's own (`loss`) and the
+# evaluator's. Extend this when the evaluator reports a new metric.
+KNOWN_METRICS = (
+    "clip_score", "clip_score_concept", "clip_score_new_setting", "clip_score_no_concept", "clip_i",
+    "prior_preservation", "trigger_effect", "objective", "loss",
+)
+# Optuna pruner per `pruner.type` (options are checked against these classes' signatures).
+OPTUNA_PRUNERS = {
+    "median": "MedianPruner", "percentile": "PercentilePruner", "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner", "wilcoxon": "WilcoxonPruner",
+}
+# Options the project sets itself for ASHA (it reads the trainable's `step`, the spec's objective).
+ASHA_RESERVED = ("time_attr", "metric", "mode")
+_SCALAR = (str, int, float, bool, type(None))
 
 
 class SpecError(ValueError):
@@ -33,15 +51,20 @@ class ParamSpace(_Strict):
     low: float | None = None
     high: float | None = None
     log: bool = Field(False, description="For int: sample on a log scale.")
+    step: float | None = Field(None, gt=0, description="For uniform/int: discretize (e.g. 0.05); needed by grid.")
     values: list[Any] | None = Field(None, description="For choice: the candidates.")
     when: dict[str, Any] | None = Field(
         None, description="Condition: search this field only when other fields take these values, "
-        "e.g. {lr_scheduler: cosine_with_restarts}; otherwise the fixed/default value is used."
+        "e.g. {lr_scheduler: cosine_with_restarts} (a list means any of them); otherwise the "
+        "fixed/default value is used."
     )
 
     def problems(self) -> list[str]:
         if self.type == "choice":
-            return [] if self.values else ["values: a choice needs a non-empty list, e.g. values: [4, 8, 16]"]
+            if not self.values:
+                return ["values: a choice needs a non-empty list, e.g. values: [4, 8, 16]"]
+            bad = [v for v in self.values if not isinstance(v, _SCALAR)]
+            return [f"values: {bad[0]!r} is not a scalar; Optuna choices are strings, numbers, booleans or null"] if bad else []
         out = []
         if self.low is None or self.high is None:
             return [f"low/high: {self.type} needs both low and high"]
@@ -49,6 +72,10 @@ class ParamSpace(_Strict):
             out.append(f"low: must be < high ({self.low} >= {self.high})")
         if (self.type == "loguniform" or self.log) and self.low <= 0:
             out.append(f"low: must be > 0 for a log scale (got {self.low})")
+        if self.step is not None and (self.type == "loguniform" or self.log):
+            out.append("step: Optuna cannot discretize a log scale; drop step or use a choice")
+        if self.type == "int" and self.step is not None and self.step != int(self.step):
+            out.append(f"step: must be a whole number for int (got {self.step})")
         return out
 
     def extremes(self) -> list[Any]:
@@ -59,12 +86,39 @@ class ParamSpace(_Strict):
             return [int(self.low), int(self.high)]
         return [self.low, self.high]
 
+    def grid_values(self) -> list[Any] | None:
+        """Every value a grid visits, or None when the range is continuous."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int" and not self.log:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.type == "uniform" and self.step:
+            n = int(round((self.high - self.low) / self.step))
+            return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+        return None
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "choice":
+            return value in (self.values or [])
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        return self.low <= value <= self.high
+
+    def conditions(self) -> dict[str, list[Any]]:
+        """`when` with every value as a list of accepted values."""
+        return {k: (v if isinstance(v, list) else [v]) for k, v in (self.when or {}).items()}
+
 
 class EvalSpec(_Strict):
     """What each trial is scored on."""
 
     interval: int = Field(50, ge=1, description="Training steps between evaluations.")
-    suite: str | None = Field(None, description="Prompt-suite YAML (see evaluator); replaces `prompts` when given.")
+    suite: str | dict[str, Any] | None = Field(
+        None, description="Prompt suite (evaluator.suites): a YAML path (relative to the spec file) or the "
+        "suite inline; replaces `prompts` when given."
+    )
     prompts: list[str] = Field(default_factory=list, description="Prompts; `{trigger}` is replaced by the trigger word.")
     seeds: list[int] = Field([0, 1], min_length=1, description="Each prompt is sampled once per seed.")
     class_word: str | None = Field(None, description="Fills `{class}` in prompts (e.g. `outfit`, `dog`).")
@@ -164,8 +218,24 @@ class SweepSpec(_Strict):
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed(), **params})
 
+    def prompt_suite(self):
+        """The eval suite (evaluator.suites.PromptSuite), or None when `eval.prompts` are used."""
+        if self.eval.suite is None:
+            return None
+        from evaluator.suites import load_suite, parse_suite
+
+        if isinstance(self.eval.suite, dict):
+            return parse_suite(self.eval.suite, "eval.suite")
+        return load_suite(self.eval.suite)
+
     def eval_prompts(self) -> tuple[list[str], list[int]]:
         """Every (prompt, seed) pair, prompts with the trigger word filled in."""
+        suite = self.prompt_suite()
+        if suite is not None:
+            from evaluator.suites import expand_suite
+
+            items = expand_suite(suite, self.trigger_word, self.eval.class_word)
+            return [it.prompt for it in items], [it.seed for it in items]
         trigger, cls = self.trigger_word or "", self.eval.class_word or ""
         pairs = [
             (p.replace("{trigger}", trigger).replace("{class}", cls).strip(" ,"), s)
@@ -240,6 +310,218 @@ def _valid_params(spec: SweepSpec) -> dict[str, ParamSpace]:
     return out
 
 
+def search_order(params: dict[str, ParamSpace]) -> list[str]:
+    """Searched fields with every condition's field before the fields it gates; raises on a cycle."""
+    order: list[str] = []
+    pending = dict(params)
+    while pending:
+        ready = [n for n, p in pending.items() if not any(k in pending and k != n for k in p.conditions())]
+        if not ready:
+            raise ValueError(f"conditions form a cycle among {', '.join(sorted(pending))}")
+        for n in ready:
+            order.append(n)
+            del pending[n]
+    return order
+
+
+def max_steps(spec: SweepSpec) -> int | None:
+    """The longest training a trial can run, in steps; None when it is given in epochs."""
+    space, fixed = spec.space, spec.fixed()
+    if "max_train_epochs" in space or fixed.get("max_train_epochs") is not None:
+        return None
+    raw = space.get("max_train_steps")
+    if isinstance(raw, dict):
+        try:
+            return int(max(ParamSpace(**raw).extremes()))
+        except (ValidationError, TypeError, ValueError):
+            return None
+    return int(fixed.get("max_train_steps", TrainConfig.model_fields["max_train_steps"].default))
+
+
+def pruner_options(spec: SweepSpec) -> dict[str, Any]:
+    """The pruner's keyword arguments: the spec's options over the project's defaults, whose
+    resources are training steps (the trainable reports `step`): first rung = one eval interval."""
+    kind, opts = spec.pruner.type, dict(spec.pruner.options)
+    if kind in ("successive_halving", "hyperband"):
+        opts.setdefault("min_resource", spec.eval.interval)
+    if kind == "hyperband":
+        opts.setdefault("max_resource", max_steps(spec) or "auto")
+    if kind == "asha":
+        opts.setdefault("grace_period", spec.eval.interval)
+        if max_steps(spec) is not None:
+            opts.setdefault("max_t", max_steps(spec))
+    return opts
+
+
+def _section(spec: SweepSpec, name: str, cls: type[BaseModel]) -> Any:
+    """A section as its model, or None when it did not validate (its problems are already listed)."""
+    value = getattr(spec, name, None)
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(**(value or {})) if isinstance(value, dict) or value is None else None
+    except (ValidationError, TypeError):
+        return None
+
+
+def _objectives(spec: SweepSpec) -> list[ObjectiveSpec]:
+    raw = getattr(spec, "objective", None)
+    items = raw if isinstance(raw, list) else [raw]
+    out = [o if isinstance(o, ObjectiveSpec) else _section(SimpleNamespace(o=o), "o", ObjectiveSpec) for o in items]
+    return [o for o in out if o is not None]
+
+
+def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> list[str]:
+    single = not isinstance(getattr(spec, "objective", None), list)
+    out, seen = [], set()
+    for i, o in enumerate(objectives):
+        path = "objective.metric" if single else f"objective[{i}].metric"
+        if o.metric not in KNOWN_METRICS:
+            out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(KNOWN_METRICS)}")
+        if o.metric in seen:
+            out.append(f"{path}: {o.metric!r} is listed twice")
+        seen.add(o.metric)
+    return out
+
+
+def _condition_problems(spec: SweepSpec, params: dict[str, ParamSpace]) -> list[str]:
+    out, fixed = [], spec.fixed()
+    for name, p in params.items():
+        for key, accepted in p.conditions().items():
+            path = f"space.{name}.when.{key}"
+            if key == name:
+                out.append(f"{path}: a field cannot be conditioned on itself")
+            elif key in params:
+                q = params[key]
+                if q.type not in ("choice", "int"):
+                    out.append(f"{path}: space.{key} is continuous; condition on a choice or int field")
+                    continue
+                bad = [v for v in accepted if not q.contains(v)]
+                if bad:
+                    out.append(f"{path}: {bad[0]!r} is not a value space.{key} can take ({q.grid_values()})")
+            elif key in TrainConfig.model_fields:
+                current = fixed.get(key, TrainConfig.model_fields[key].default)
+                if current not in accepted:
+                    out.append(f"{path}: {key} is fixed to {current!r}, so {name} is never searched; "
+                               f"search {key} in space or remove the condition")
+            else:
+                out.append(f"{path}: not a training field; a condition names a field in space or train")
+    try:
+        search_order(params)
+    except ValueError as err:
+        out.append(f"space: {err}; remove one of the `when` conditions")
+    return out
+
+
+def _search_problems(spec: SweepSpec, search: SearchSpec, n_objectives: int, params: dict[str, ParamSpace]) -> list[str]:
+    out = []
+    if search.sampler == "nsga2" and n_objectives < 2:
+        out.append("search.sampler: nsga2 is for multi-objective search; give objective as a list of >= 2 "
+                   "{metric, mode} entries, or use tpe")
+    if search.sampler == "grid":
+        size = 1
+        for name, p in params.items():
+            values = p.grid_values()
+            if values is None:
+                out.append(f"space.{name}: the grid sampler needs choice or int fields (or uniform with step); "
+                           "add step, list the values as a choice, or use sampler: tpe")
+            else:
+                size *= len(values)
+            if p.when:
+                out.append(f"space.{name}.when: the grid sampler does not support conditions; remove when or use tpe")
+        if not out and search.num_trials > size:
+            out.append(f"search.num_trials: {search.num_trials} exceeds the grid's {size} configurations; "
+                       f"set num_trials: {size}")
+    if search.sampler == "gp" and importlib.util.find_spec("scipy") is None:
+        out.append("search.sampler: gp (optuna GPSampler) needs scipy, which is not installed; "
+                   "pip install scipy, or use tpe")
+    if len(search.initial_configs) > search.num_trials:
+        out.append(f"search.initial_configs: {len(search.initial_configs)} configs but num_trials is "
+                   f"{search.num_trials}; raise num_trials or drop configs")
+    for i, config in enumerate(search.initial_configs):
+        for key, value in config.items():
+            path = f"search.initial_configs[{i}].{key}"
+            if key not in params:
+                out.append(f"{path}: not a searched field; searched fields are {', '.join(params) or '(none)'}")
+            elif not params[key].contains(value):
+                p = params[key]
+                where = p.values if p.type == "choice" else f"[{p.low}, {p.high}]"
+                out.append(f"{path}: {value!r} is outside space.{key} ({where})")
+    return out
+
+
+def _pruner_problems(spec: SweepSpec, pruner: PrunerSpec, n_objectives: int) -> list[str]:
+    if pruner.type == "none":
+        return []
+    if n_objectives > 1:
+        return ["pruner.type: Optuna cannot prune a multi-objective study; set pruner: {type: none} "
+                "or use a single objective"]
+    if pruner.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler as cls
+
+        name, reserved = "ray.tune.schedulers.ASHAScheduler", ASHA_RESERVED
+    else:
+        import optuna
+
+        cls = getattr(optuna.pruners, OPTUNA_PRUNERS[pruner.type])
+        name, reserved = f"optuna.pruners.{cls.__name__}", ()
+    params = {k: v for k, v in inspect.signature(cls).parameters.items() if k not in reserved}
+    out = [
+        f"pruner.options.{k}: unknown option of {name}; valid options: {', '.join(params)}"
+        for k in pruner.options if k not in params
+    ]
+    opts = pruner_options(spec)
+    out += [f"pruner.options.{k}: required by {name}" for k, v in params.items()
+            if v.default is inspect.Parameter.empty and k not in opts]
+    if not out:
+        try:
+            extra = {"time_attr": "step", "metric": spec.primary.metric, "mode": spec.primary.mode} if reserved else {}
+            cls(**opts, **extra)
+        except (AssertionError, ValueError, TypeError) as err:
+            out.append(f"pruner.options: {name} rejects {opts}: {err or 'invalid values'}")
+    return out
+
+
+def _resource_problems(resources: ResourcesSpec) -> list[str]:
+    return [
+        f"resources.{k}: {v} is fractional above 1; Ray takes fractions below 1 or whole numbers"
+        for k, v in (("cpus_per_trial", resources.cpus_per_trial), ("gpus_per_trial", resources.gpus_per_trial))
+        if v > 1 and v != int(v)
+    ]
+
+
+def _eval_problems(spec: SweepSpec, ev: EvalSpec) -> list[str]:
+    if ev.suite is None:
+        return [] if ev.prompts else ["eval.prompts: give prompts (or eval.suite) to score the trials on"]
+    from evaluator.suites import SuiteError, expand_suite, load_suite, parse_suite
+
+    try:
+        suite = parse_suite(ev.suite, "eval.suite") if isinstance(ev.suite, dict) else load_suite(ev.suite)
+        expand_suite(suite, getattr(spec, "trigger_word", None), ev.class_word)
+    except SuiteError as err:
+        return [f"eval.suite: {line}" for line in str(err).splitlines()]
+    return []
+
+
+def _cross_problems(spec: SweepSpec, complete: bool) -> list[str]:
+    """Checks across sections, each run on the sections that validated on their own."""
+    params = _valid_params(spec)
+    params = {k: p for k, p in params.items() if not p.problems()}
+    objectives = _objectives(spec)
+    out = _objective_problems(spec, objectives) + _condition_problems(spec, params)
+    search, pruner = _section(spec, "search", SearchSpec), _section(spec, "pruner", PrunerSpec)
+    resources, ev = _section(spec, "resources", ResourcesSpec), _section(spec, "eval", EvalSpec)
+    if search:
+        out += _search_problems(spec, search, len(objectives), params)
+    if pruner and complete:  # the pruner's defaults read eval, train and objective
+        out += _pruner_problems(spec, pruner, len(objectives))
+    if resources:
+        out += _resource_problems(resources)
+    if ev:
+        out += _eval_problems(spec, ev)
+    return out
+
+
 def parse_spec(data: dict, source: str = "<spec>") -> SweepSpec:
     if not isinstance(data, dict):
         raise SpecError(source, ["(top level): expected a mapping of keys such as name, base_model, dataset, space"])
@@ -252,7 +534,7 @@ def parse_spec(data: dict, source: str = "<spec>") -> SweepSpec:
         spec = SweepSpec.model_construct(**data)
         if not all(isinstance(getattr(spec, k, None), dict) for k in ("train", "space")):
             raise SpecError(source, problems) from None
-    problems += _space_problems(spec) + _train_problems(spec)
+    problems += _space_problems(spec) + _train_problems(spec) + _cross_problems(spec, complete=not problems)
     if problems:
         raise SpecError(source, problems)
     return spec
@@ -280,4 +562,9 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise SpecError(str(path), [f"not valid YAML: {err}"]) from None
-    return parse_spec(apply_overrides(data, list(overrides)), str(path))
+    data = apply_overrides(data, list(overrides))
+    suite = (data.get("eval") or {}).get("suite") if isinstance(data.get("eval"), dict) else None
+    if isinstance(suite, str) and not Path(suite).expanduser().is_absolute():
+        # A suite path is relative to the spec file, so the spec works from any folder.
+        data["eval"]["suite"] = str((path.parent / suite).resolve())
+    return parse_spec(data, str(path))

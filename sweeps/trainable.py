@@ -1,57 +1,222 @@
-"""The per-trial function Ray Tune runs: params -> TrainConfig -> train -> sample -> score -> report."""
+"""The per-trial function Ray Tune runs: params -> TrainConfig -> train -> sample -> score -> report.
+
+Every report carries a checkpoint with the trainer's exact state, so a trial whose worker died
+continues from its last evaluation on another worker (Tune's FailureConfig retries it).
+A training failure that would repeat on retry (NaN loss, an invalid config combination) is
+recorded once in the sweep's storage; retries of that trial then fail at once with the reason.
+"""
 
 from __future__ import annotations
 
 import json
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from ray import tune
 
-from evaluator import ClipModel, score_images
+from sweeps import storage
+from sweeps.results import FAILURES
 from sweeps.spec import SweepSpec, parse_spec
-from trainer.export import save_lora_diffusers
-from trainer.loop import LoraTrainer
+from trainer.config import TrainConfigError
+from trainer.loop import LoraTrainer, TrainingDiverged
 
-LORA_FILE = "lora.safetensors"
+LORA_DIFFUSERS = "lora_diffusers.safetensors"
+LORA_KOHYA = "lora_kohya.safetensors"
 SAMPLES_FILE = "samples.png"
+TRIAL_INFO = "trial.json"
+STATE_DIR = "state"
+
+Scorer = Callable[[np.ndarray, list[str]], dict]
 
 
-def train_trial(params: dict, spec_data: dict) -> None:
-    """Train one LoRA; every `eval.interval` steps, score samples and report with a checkpoint."""
+class TrialFailed(RuntimeError):
+    """Training of this config cannot succeed (diverged, invalid); retrying would repeat it."""
+
+
+def train_trial(params: dict, spec_data: dict, run_info: dict) -> None:
+    """Train one LoRA; every `eval.interval` steps sample, score and report with a checkpoint.
+
+    run_info: {"sweep_uri": where failure records go, "evaluator": actor name or None,
+    "tracking": tracking.trial_settings(...) or None}.
+    """
     spec: SweepSpec = parse_spec(spec_data, "<sweep spec>")
     _quiet_libraries()
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
-    cfg = spec.train_config(params)
-    trainer = LoraTrainer(cfg)
-    clip = ClipModel.load(spec.evaluator.model, spec.evaluator.pretrained)
+    trial_id = tune.get_context().get_trial_id() or "local"
+    failure_record = storage.join(run_info["sweep_uri"], FAILURES, f"{trial_id}.json")
+    if storage.exists(failure_record):
+        raise TrialFailed(json.loads(storage.read_text(failure_record))["reason"])
+    try:
+        trainer = LoraTrainer(spec.train_config(params))
+    except TrainConfigError as err:
+        _fail(failure_record, f"invalid config: {err}", params)
+    cfg = trainer.cfg  # max_train_steps resolved from max_train_epochs when that is set
+    resumed_from = _restore(trainer)
+    scorer = make_scorer(spec, run_info.get("evaluator"))
     prompts, seeds = spec.eval_prompts()
-    while trainer.global_step < cfg.max_train_steps:
-        history = trainer.train(spec.eval.interval)
-        images = trainer.sample(prompts, seeds)
-        scores = score_images(clip, images, prompts)
-        metrics = {
-            "step": trainer.global_step,
-            "loss": float(np.mean([h["loss"] for h in history])),
-            "lr": history[-1]["lr"],
-            "images_per_sec": float(np.median([h["images_per_sec"] for h in history])),
-            "clip_score": scores["clip_score"],
-        }
-        with tempfile.TemporaryDirectory() as ckpt:
-            save_lora_diffusers(trainer.models.unet, Path(ckpt) / LORA_FILE)
-            save_grid(images, Path(ckpt) / SAMPLES_FILE)
-            (Path(ckpt) / "trial.json").write_text(json.dumps({"params": params, "metrics": metrics}, indent=2))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt))
+    tracker = _tracker(run_info.get("tracking"), params, trial_id)
+    try:
+        while trainer.global_step < cfg.max_train_steps:
+            try:
+                history = trainer.train(spec.eval.interval)
+            except TrainingDiverged as err:
+                _fail(failure_record, f"training diverged: {err}", params)
+            images = trainer.sample(prompts, seeds)
+            metrics = _metrics(trainer, history, scorer(images, prompts), resumed_from)
+            if tracker:
+                tracker.log_evaluation(metrics, images, prompts, seeds)
+            _report(trainer, spec, params, metrics, images, prompts, seeds)
+    finally:
+        if tracker:
+            tracker.finish()
+
+
+def _fail(record: str, reason: str, params: dict) -> None:
+    storage.write_text(record, json.dumps({"reason": reason, "params": params}, indent=2, default=str))
+    raise TrialFailed(reason)
+
+
+def _restore(trainer: LoraTrainer) -> int:
+    """Load the trial's last checkpoint (after a worker loss or a resumed sweep); returns its step."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as folder:
+        load_trainer_state(trainer, Path(folder) / STATE_DIR)
+    return trainer.global_step
+
+
+def _metrics(trainer: LoraTrainer, history: list[dict], scores: dict, resumed_from: int) -> dict:
+    return {
+        "step": trainer.global_step,
+        "max_train_steps": trainer.cfg.max_train_steps,  # lets the results table tell pruned from complete
+        "loss": float(np.mean([h["loss"] for h in history])),
+        "lr": history[-1]["lr"],
+        "images_per_sec": float(np.median([h["images_per_sec"] for h in history])),
+        "resumed_from_step": resumed_from,
+        **{k: float(v) for k, v in scores.items() if np.isscalar(v)},
+    }
+
+
+def _report(trainer, spec, params, metrics, images, prompts, seeds) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_trainer_state(trainer, folder / STATE_DIR)
+        save_loras(trainer, spec, params, folder)
+        save_grid(images, folder / SAMPLES_FILE)
+        info = {"sweep": spec.name, "trial_id": tune.get_context().get_trial_id(), "params": params,
+                "metrics": metrics, "prompts": prompts, "seeds": seeds}
+        (folder / TRIAL_INFO).write_text(json.dumps(info, indent=2, default=str))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def save_loras(trainer: LoraTrainer, spec: SweepSpec, params: dict, folder: Path) -> None:
+    """Both layouts into every checkpoint, so export only copies files (no model needed there)."""
+    import trainer.export as export
+
+    te = trainer.models.text_encoder if getattr(trainer.cfg, "train_text_encoder", False) else None
+    extra = {"text_encoder": te} if te is not None else {}
+    export.save_lora_diffusers(trainer.models.unet, folder / LORA_DIFFUSERS, **extra)
+    if hasattr(export, "save_lora_kohya"):
+        trial_id = tune.get_context().get_trial_id()
+        meta = export.kohya_metadata(trainer.cfg, steps=trainer.global_step, output_name=f"{spec.name}-{trial_id}",
+                                     lorasweep_sweep=spec.name, lorasweep_trial=trial_id,
+                                     lorasweep_params=json.dumps(params, default=str))
+        export.save_lora_kohya(trainer.models.unet, folder / LORA_KOHYA, metadata=meta, **extra)
+
+
+def save_trainer_state(trainer: LoraTrainer, folder: Path) -> None:
+    try:
+        from trainer.checkpoint import save_checkpoint
+    except ImportError:  # until trainer.checkpoint lands: the same content, safetensors + JSON
+        _save_state_tree(trainer.state_dict(), folder)
+        return
+    save_checkpoint(trainer, folder)
+
+
+def load_trainer_state(trainer: LoraTrainer, folder: Path) -> None:
+    try:
+        from trainer.checkpoint import load_checkpoint
+    except ImportError:
+        trainer.load_state_dict(_load_state_tree(folder))
+        return
+    load_checkpoint(trainer, folder)
+
+
+def _save_state_tree(state: dict, folder: Path) -> None:
+    """Tensors into one safetensors file, the structure into JSON: nothing is pickled."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pack(obj):
+        if isinstance(obj, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = obj.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(obj, dict):  # keys may be ints (optimizer param ids): keep their type
+            return {"__dict__": [[pack(k), pack(v)] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            return {"__list__": [pack(v) for v in obj], "tuple": isinstance(obj, tuple)}
+        return obj
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tree = pack(state)
+    save_file(tensors, str(folder / "state.safetensors"))
+    (folder / "state.json").write_text(json.dumps(tree))
+
+
+def _load_state_tree(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "state.safetensors"))
+
+    def unpack(obj):
+        if isinstance(obj, dict) and "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if isinstance(obj, dict) and "__dict__" in obj:
+            return {unpack(k): unpack(v) for k, v in obj["__dict__"]}
+        if isinstance(obj, dict) and "__list__" in obj:
+            items = [unpack(v) for v in obj["__list__"]]
+            return tuple(items) if obj["tuple"] else items
+        return obj
+
+    return unpack(json.loads((folder / "state.json").read_text()))
+
+
+def make_scorer(spec: SweepSpec, evaluator_name: str | None) -> Scorer:
+    """The sweep's shared evaluator actor when the driver started one, else a CLIP model in this process."""
+    if evaluator_name:
+        from evaluator.service import connect_evaluator, score_remote
+
+        handle = connect_evaluator(name=evaluator_name, timeout_s=120)
+        return lambda images, prompts: score_remote(handle, images, prompts, timeout_s=600)
+    from evaluator import ClipModel, score_images
+
+    clip = ClipModel.load(spec.evaluator.model, spec.evaluator.pretrained)
+    return lambda images, prompts: score_images(clip, images, prompts)
+
+
+def _tracker(settings: dict | None, params: dict, trial_id: str):
+    if not settings:
+        return None
+    from sweeps.tracking import TrialTracker
+
+    return TrialTracker(settings, params, trial_id)
 
 
 def _quiet_libraries() -> None:
-    """Per-trial progress bars and load warnings from diffusers/transformers drown the sweep's own lines."""
+    """Per-trial progress bars, load warnings and per-checkpoint notices drown the sweep's own lines."""
+    import logging
+
     import diffusers
     import transformers
 
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -1,54 +1,136 @@
-"""Builds and runs the Ray Tune sweep: OptunaSearch over the spec's space, one trainable per trial."""
+"""Builds and runs the Ray Tune sweep: Optuna search, pruning scheduler, failure/checkpoint policy, resume."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import ray
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
+from sweeps import storage
 from sweeps.progress import ProgressPrinter
+from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
 from sweeps.spec import ParamSpace, SweepSpec
 from sweeps.trainable import train_trial
 
-
-def optuna_distribution(param: ParamSpace) -> optuna.distributions.BaseDistribution:
-    if param.type == "loguniform":
-        return optuna.distributions.FloatDistribution(param.low, param.high, log=True)
-    if param.type == "uniform":
-        return optuna.distributions.FloatDistribution(param.low, param.high)
-    if param.type == "int":
-        return optuna.distributions.IntDistribution(int(param.low), int(param.high), log=param.log)
-    return optuna.distributions.CategoricalDistribution(param.values)
+FORWARDED_ENV = ("LORASWEEP_CACHE", "HF_HUB_OFFLINE", "WANDB_MODE")
 
 
-def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    if spec.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.search.seed)
-    # Multivariate TPE with constant liar: parallel trials do not all pick the same config.
-    return optuna.samplers.TPESampler(seed=spec.search.seed, multivariate=True, constant_liar=True)
+def evaluator_name(spec: SweepSpec) -> str | None:
+    """The shared evaluator actor of this sweep, or None while evaluator.service is not available."""
+    try:
+        import evaluator.service  # noqa: F401
+    except ImportError:
+        return None
+    return f"lorasweep-evaluator-{spec.name}"
 
 
-def make_searcher(spec: SweepSpec) -> ConcurrencyLimiter:
-    space = {name: optuna_distribution(p) for name, p in spec.searched().items()}
-    searcher = OptunaSearch(
-        space=space,
-        metric=spec.primary.metric,
-        mode=spec.primary.mode,
-        sampler=make_sampler(spec),
+def make_trainable(spec: SweepSpec, trainable: Callable | None = None):
+    """The function Tune runs, with the spec's resources; `trainable` replaces train_trial (stubs in tests)."""
+    if trainable is None:
+        from sweeps.tracking import trial_settings
+
+        run_info = {"sweep_uri": sweep_uri(spec), "evaluator": evaluator_name(spec),
+                    "tracking": trial_settings(spec)}
+        trainable = tune.with_parameters(train_trial, spec_data=spec.model_dump(), run_info=run_info)
+    return tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial})
+
+
+def build_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tuner:
+    metric, mode = _metric_mode(spec)
+    return tune.Tuner(
+        make_trainable(spec, trainable),
+        tune_config=tune.TuneConfig(
+            search_alg=make_search_alg(spec),
+            scheduler=make_scheduler(spec),
+            num_samples=spec.search.num_trials,
+            metric=metric,
+            mode=mode,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=sweep_uri(spec),
+            callbacks=[ProgressPrinter(spec.primary.metric)],
+            failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
+            # Keep each trial's best checkpoints (for export) and, always, its latest (for resume).
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=max(2, spec.export.top_k),
+                checkpoint_score_attribute=spec.primary.metric,
+                checkpoint_score_order=spec.primary.mode,
+            ),
+            verbose=0,
+        ),
     )
-    return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+
+
+def _metric_mode(spec: SweepSpec) -> tuple[str | None, str | None]:
+    # A searcher with a list of objectives sets its own metrics; Tune's single metric must then stay unset.
+    if len(spec.objectives) > 1:
+        return None, None
+    return spec.primary.metric, spec.primary.mode
+
+
+def can_resume(spec: SweepSpec) -> bool:
+    return tune.Tuner.can_restore(experiment_path(spec))
+
+
+def restore_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tuner:
+    """The killed sweep, its searcher and Optuna study with it; finished and failed trials stay as they are."""
+    return tune.Tuner.restore(
+        experiment_path(spec),
+        trainable=make_trainable(spec, trainable),
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+    )
+
+
+def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
+              trainable: Callable | None = None) -> tune.ResultGrid:
+    """Run (or, with `resume` or when the storage already holds this sweep, continue) the sweep."""
+    storage.check_writable(sweep_uri(spec))
+    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    ensure_ray(address)
+    restorable = can_resume(spec)
+    if resume and not restorable:
+        raise FileNotFoundError(f"--resume: no sweep to resume at {experiment_path(spec)}; run without --resume to start it")
+    if restorable:
+        print(f"resuming sweep {spec.name} from {experiment_path(spec)}", flush=True)
+    tuner = restore_tuner(spec, trainable) if restorable else build_tuner(spec, trainable)
+    # Tune snapshots its state after every kept checkpoint (what resume needs); it need not warn about it.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    handle = _start_evaluator(spec) if trainable is None else None
+    try:
+        return tuner.fit()
+    finally:
+        if handle is not None:
+            from evaluator.service import stop_evaluator
+
+            stop_evaluator(name=evaluator_name(spec))
+
+
+def _start_evaluator(spec: SweepSpec):
+    """One evaluator actor for the whole sweep: one CLIP model copy serves every trial."""
+    name = evaluator_name(spec)
+    if name is None:
+        return None
+    from evaluator.service import start_evaluator
+
+    # No CPU reserved: it computes in short bursts between trainings, and a held CPU would idle
+    # most of the time (on a small machine it would hold back a trial).
+    return start_evaluator(name=name, model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
+                           num_cpus=0, torch_threads=1)
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Connect to a cluster at `address`, or start local Ray when none is given."""
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("LORASWEEP_CACHE", "HF_HUB_OFFLINE", "WANDB_MODE") if k in os.environ}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
     if address:
         ray.init(address=address, **kwargs)
@@ -56,29 +138,40 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, num_gpus: int |
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
 
 
-def build_tuner(spec: SweepSpec) -> tune.Tuner:
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, spec_data=spec.model_dump()),
-        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial},
-    )
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=make_searcher(spec),
-            num_samples=spec.search.num_trials,
-            metric=spec.primary.metric,
-            mode=spec.primary.mode,
-        ),
-        run_config=tune.RunConfig(
-            name="tune",
-            storage_path=f"{spec.storage_uri}/{spec.name}",
-            callbacks=[ProgressPrinter(spec.primary.metric)],
-            verbose=0,
-        ),
-    )
+# --- search and scheduling: sweeps.search / sweeps.pruning when present ------------------------
+def make_search_alg(spec: SweepSpec):
+    study_dir = Path(spec.output_dir) / "study"
+    try:
+        from sweeps.search import make_search_alg as s1_make_search_alg
+    except ImportError:
+        return _fallback_searcher(spec)
+    return s1_make_search_alg(spec, study_dir)
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None) -> tune.ResultGrid:
-    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
-    ensure_ray(address)
-    return build_tuner(spec).fit()
+def make_scheduler(spec: SweepSpec):
+    try:
+        from sweeps.pruning import make_scheduler as s1_make_scheduler
+    except ImportError:
+        return None
+    return s1_make_scheduler(spec)
+
+
+def _fallback_searcher(spec: SweepSpec):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {name: _distribution(p) for name, p in spec.searched().items()}
+    sampler = (optuna.samplers.RandomSampler(seed=spec.search.seed) if spec.search.sampler == "random"
+               else optuna.samplers.TPESampler(seed=spec.search.seed, multivariate=True, constant_liar=True))
+    searcher = OptunaSearch(space=space, metric=spec.primary.metric, mode=spec.primary.mode, sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+
+
+def _distribution(param: ParamSpace) -> optuna.distributions.BaseDistribution:
+    if param.type == "loguniform":
+        return optuna.distributions.FloatDistribution(param.low, param.high, log=True)
+    if param.type == "uniform":
+        return optuna.distributions.FloatDistribution(param.low, param.high)
+    if param.type == "int":
+        return optuna.distributions.IntDistribution(int(param.low), int(param.high), log=param.log)
+    return optuna.distributions.CategoricalDistribution(param.values)

@@ -81,3 +81,130 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(bad)
+
+
+def _problems(**over) -> str:
+    with pytest.raises(SpecError) as err:
+        parse_spec(_base(**over), "search.yaml")
+    return str(err.value)
+
+
+SCHED = {
+    "lr_scheduler": {"type": "choice", "values": ["linear", "cosine_with_restarts"]},
+    "lr_num_cycles": {"type": "int", "low": 2, "high": 4, "when": {"lr_scheduler": "cosine_with_restarts"}},
+}
+
+
+def test_conditions_name_searched_fields_and_their_values():
+    assert parse_spec(_base(space=SCHED)).searched()["lr_num_cycles"].conditions() == {"lr_scheduler": ["cosine_with_restarts"]}
+    text = _problems(space={
+        **SCHED,
+        "rank": {"type": "choice", "values": [4, 8], "when": {"lr_scheduler": "cosine"}},
+        "clip_skip": {"type": "int", "low": 1, "high": 2, "when": {"no_such_field": 1}},
+        "lr_warmup_steps": {"type": "int", "low": 0, "high": 5, "when": {"learning_rate": 1e-4}},
+        "alpha": {"type": "uniform", "low": 1, "high": 4, "when": {"mixed_precision": "fp16"}},
+    }, train={"resolution": 64, "max_train_steps": 40})
+    for expected in (
+        "space.rank.when.lr_scheduler: 'cosine' is not a value space.lr_scheduler can take",
+        "space.clip_skip.when.no_such_field: not a training field",
+        "space.alpha.when.mixed_precision: mixed_precision is fixed to 'no', so alpha is never searched",
+    ):
+        assert expected in text, text
+    cyc = _problems(space={
+        "rank": {"type": "choice", "values": [4, 8], "when": {"clip_skip": 1}},
+        "clip_skip": {"type": "choice", "values": [1, 2], "when": {"rank": 4}},
+    })
+    assert "space: conditions form a cycle among clip_skip, rank" in cyc
+
+
+def test_search_section_checks():
+    assert "search.sampler: nsga2 is for multi-objective search" in _problems(search={"sampler": "nsga2"})
+    grid = _problems(search={"sampler": "grid", "num_trials": 4})
+    assert "space.learning_rate: the grid sampler needs choice or int fields" in grid
+    space = {"rank": {"type": "choice", "values": [2, 4]}, "learning_rate": {"type": "uniform", "low": 0.001, "high": 0.003, "step": 0.001}}
+    spec = parse_spec(_base(space=space, search={"sampler": "grid", "num_trials": 6}))
+    assert spec.searched()["learning_rate"].grid_values() == [0.001, 0.002, 0.003]
+    assert "search.num_trials: 7 exceeds the grid's 6 configurations" in _problems(space=space, search={"sampler": "grid", "num_trials": 7})
+    text = _problems(search={"num_trials": 4, "initial_configs": [
+        {"learning_rate": 5e-2, "rank": 4}, {"rank": 3}, {"clip_skip": 2}]})
+    for expected in ("search.initial_configs[0].learning_rate: 0.05 is outside space.learning_rate",
+                     "search.initial_configs[1].rank: 3 is outside space.rank ([2, 4, 8])",
+                     "search.initial_configs[2].clip_skip: not a searched field"):
+        assert expected in text, text
+
+
+def test_objective_metrics_and_multi_objective():
+    assert "objective.metric: unknown metric 'clipscore'; trials report clip_score" in _problems(objective={"metric": "clipscore"})
+    two = [{"metric": "clip_score", "mode": "max"}, {"metric": "prior_preservation", "mode": "max"}]
+    spec = parse_spec(_base(objective=two, search={"sampler": "nsga2", "num_trials": 8}))
+    assert [o.metric for o in spec.objectives] == ["clip_score", "prior_preservation"]
+    assert "objective[1].metric: 'clip_score' is listed twice" in _problems(objective=[two[0], two[0]])
+
+
+def test_resources_fractions():
+    assert parse_spec(_base(resources={"gpus_per_trial": 0.25, "cpus_per_trial": 0.5})).resources.gpus_per_trial == 0.25
+    assert "resources.gpus_per_trial: 1.5 is fractional above 1" in _problems(resources={"gpus_per_trial": 1.5})
+
+
+def test_gp_sampler_needs_scipy():
+    import importlib.util
+
+    if importlib.util.find_spec("scipy") is None:
+        assert "search.sampler: gp (optuna GPSampler) needs scipy" in _problems(search={"sampler": "gp"})
+    else:
+        assert parse_spec(_base(search={"sampler": "gp"})).search.sampler == "gp"
+
+
+def test_eval_suite_inline_and_from_file(tmp_path):
+    suite = {"natural": ["a photo of {trigger} {class}"], "no_concept": ["a bowl of fruit"],
+             "trigger_test": ["a photo of {trigger} {class}"], "seeds": [0]}
+    spec = parse_spec(_base(eval={"interval": 20, "suite": suite, "class_word": "circle"}))
+    prompts, seeds = spec.eval_prompts()
+    assert prompts == ["a photo of lswsks circle", "a bowl of fruit", "a photo of lswsks circle", "a photo of circle"]
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "s.yaml").write_text(yaml.safe_dump(suite))
+    data = _base(eval={"interval": 20, "suite": "suites/s.yaml"})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match=r"eval.suite: .*uses \{class\} but no class word"):
+        load_spec(tmp_path / "spec.yaml")
+    data["eval"]["class_word"] = "circle"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    assert load_spec(tmp_path / "spec.yaml").eval_prompts() == (prompts, [0, 0, 0, 0])
+    assert "eval.prompts: give prompts (or eval.suite)" in _problems(eval={"interval": 20})
+
+
+def test_describe_sweep_dry_run(tmp_path):
+    from sweeps.dry_run import STEP_S_PER_IMAGE, describe_sweep, estimate
+
+    spec = load_spec(ROOT / "search.yaml")
+    text = describe_sweep(spec)
+    for expected in (
+        "budget: 32 trials, at most 4 at a time",
+        "objective: maximize clip_score",
+        "sampler: tpe (multivariate TPE with constant liar",
+        "pruner: median (n_startup_trials=5, n_warmup_steps=200",
+        "lr_num_cycles                int [2, 4]   only when lr_scheduler = cosine_with_restarts",
+        "learning_rate                loguniform [1e-06, 0.0001]",
+        "max_train_epochs             10",
+        "resources per trial: 4 CPU, 1 GPU",
+        "GPU-hours for 32 trials x 1 GPU",
+        f"assumptions: {STEP_S_PER_IMAGE} s per training image per step",
+        "dataset not readable here",
+    ):
+        assert expected in text, f"missing {expected!r} in:\n{text}"
+    # A kohya folder on disk is counted: 3 images x 10 repeats per epoch.
+    folder = tmp_path / "data" / "10_nosnjaoutfit outfit"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"img_{i}.png").write_bytes(b"")
+    data = yaml.safe_load((ROOT / "search.yaml").read_text())
+    data["dataset"] = str(tmp_path / "data")
+    data["space"]["train_batch_size"] = {"type": "choice", "values": [6]}
+    est = estimate(parse_spec(data))
+    assert est["steps_per_trial"] == pytest.approx(10 * 30 / 6)
+    one = est["hours_per_trial"]
+    data["resources"]["gpus_per_trial"] = 0.5
+    half = estimate(parse_spec(data))
+    assert half["gpu_hours"] == pytest.approx(one * 32 * 0.5)
+    demo = describe_sweep(load_spec(ROOT / "examples" / "demo.yaml"))
+    assert "0 GPU-hours" in demo and "tiny test model" in demo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,6 +27,12 @@ TARGET_MODULES = {
         "conv1", "conv2", "conv_shortcut", "conv", "time_emb_proj",
     ],
 }
+# The same choice for the CLIP text encoder (kohya trains attention + MLP of every layer).
+TEXT_ENCODER_TARGET_MODULES = {
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
 
 
 class TrainConfigError(ValueError):
@@ -43,6 +50,18 @@ class SamplingConfig(BaseModel):
         "ddim", description="Sampling scheduler used for evaluation images."
     )
     negative_prompt: str = Field("", description="Negative prompt for every sample.")
+    prompts: list[str] = Field(
+        default_factory=list, description="Validation prompts that LoraTrainer.evaluate() renders (empty = none)."
+    )
+    seeds: list[int] = Field(
+        default_factory=list, description="One seed per validation prompt; empty means seeds 0, 1, 2, ..."
+    )
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> "SamplingConfig":
+        if self.seeds and len(self.seeds) != len(self.prompts):
+            raise ValueError(f"seeds: {len(self.seeds)} seeds for {len(self.prompts)} prompts; give one per prompt or none")
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -54,35 +73,86 @@ class TrainConfig(BaseModel):
     base_model: str = Field(
         description="Hub id, local diffusers folder, single-file .safetensors, or builtin:tiny-sd."
     )
-    dataset: str = Field(description="Dataset folder (kohya `<repeats>_<trigger> <class>/` layout) or builtin:demo.")
+    dataset: str = Field(
+        description="Dataset folder (kohya `<repeats>_<trigger> <class>/`, imagefolder with metadata.jsonl, "
+        "or a DreamBooth instance folder) or builtin:demo."
+    )
+    dataset_type: Literal["auto", "kohya", "imagefolder", "dreambooth"] = Field(
+        "auto",
+        description="Dataset layout; auto: metadata.jsonl -> imagefolder, `<n>_<name>/` subfolders -> kohya, "
+        "images directly in the folder -> dreambooth.",
+    )
     trigger_word: str | None = Field(None, description="Trigger word the captions carry (metadata only).")
+    num_repeats: int | None = Field(
+        None, ge=1, le=10_000, description="Repeats per image per epoch; overrides kohya folder prefixes. None: "
+        "the kohya prefix, or 1 for other layouts."
+    )
+    caption_dropout_rate: float = Field(
+        0.0, ge=0, lt=1, description="Probability (0-1) that an instance caption is replaced by '' (seeded)."
+    )
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail", description="An unreadable/corrupt image or a missing caption: fail, or skip it with a warning."
+    )
     resolution: int = Field(512, ge=8, le=4096, description="Training image side in pixels (multiple of 8).")
     center_crop: bool = Field(True, description="Center crop (True) or random crop (False) after resizing.")
     random_flip: bool = Field(False, description="Horizontal flip with probability 0.5.")
     seed: int = Field(0, ge=0, description="Seed for LoRA init, data order, noise and timesteps.")
 
+    # --- DreamBooth / prior preservation ----------------------------------------------------
+    instance_prompt: str | None = Field(
+        None, description="Caption of every instance image of a dreambooth dataset (e.g. 'a photo of sks dog')."
+    )
+    with_prior_preservation: bool = Field(False, description="Add the prior-preservation loss on class images.")
+    class_prompt: str | None = Field(None, description="Caption of the class images (e.g. 'a photo of a dog').")
+    class_data_dir: str | None = Field(
+        None, description="Folder of class images; missing ones are generated with the base model and kept."
+    )
+    num_class_images: int = Field(100, ge=1, le=100_000, description="Class images wanted in class_data_dir.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
+
+    # --- aspect-ratio bucketing -------------------------------------------------------------
+    enable_bucket: bool = Field(False, description="kohya-style aspect-ratio buckets instead of square crops.")
+    min_bucket_reso: int = Field(256, ge=64, description="Smallest bucket side in pixels.")
+    max_bucket_reso: int = Field(1024, ge=64, description="Largest bucket side in pixels.")
+    bucket_reso_steps: int = Field(64, ge=8, description="Bucket sides are multiples of this (pixels).")
+
     # --- schedule ---------------------------------------------------------------------------
-    max_train_steps: int = Field(100, ge=1, description="Optimizer steps to train.")
+    max_train_steps: int = Field(
+        100, ge=1, description="Optimizer steps to train; ignored when max_train_epochs is set (then leave it unset)."
+    )
+    max_train_epochs: int | None = Field(
+        None, ge=1, description="Train this many epochs (passes over the repeated data) instead of max_train_steps."
+    )
     train_batch_size: int = Field(1, ge=1, le=256, description="Images per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=128, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0, le=1.0, description="UNet LoRA learning rate.")
+    text_encoder_lr: float | None = Field(
+        None, gt=0, le=1.0, description="Text-encoder LoRA learning rate; None = learning_rate."
+    )
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw (torch) or adamw8bit (bitsandbytes, CUDA only)."
+    )
     lr_scheduler: Literal[LR_SCHEDULERS] = Field("constant", description="diffusers get_scheduler name.")
     lr_warmup_steps: int = Field(0, ge=0, description="Warmup in optimizer steps.")
     lr_num_cycles: int = Field(1, ge=1, description="Cycles for cosine_with_restarts (restarts only when > 1).")
     lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (decoupled, per step).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment decay.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW second-moment decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW denominator epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (L2 over all LoRA params).")
+    checkpoint_interval: int = Field(0, ge=0, description="Steps between checkpoints; 0 = off.")
 
     # --- LoRA -------------------------------------------------------------------------------
     rank: int = Field(4, ge=1, le=1024, description="LoRA rank (network dim).")
     alpha: float | None = Field(
         None, gt=0, description="LoRA alpha; scale = alpha / rank. None means alpha = rank (scale 1)."
     )
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: Literal["attention", "attention_mlp", "all"] = Field("attention")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability on the LoRA input.")
+    target_modules: Literal["attention", "attention_mlp", "all"] = Field(
+        "attention", description="attention: q/k/v/out; attention_mlp: + feed-forward; all: + ResNet convs."
+    )
+    train_text_encoder: bool = Field(False, description="Also train LoRA layers in the CLIP text encoder.")
 
     # --- conditioning and loss --------------------------------------------------------------
     clip_skip: int = Field(1, ge=1, le=12, description="AUTOMATIC1111 convention: 1 = off, 2 = penultimate layer.")
@@ -91,7 +161,22 @@ class TrainConfig(BaseModel):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Override the scheduler's prediction type; None keeps the model's."
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no")
+
+    # --- speed and memory -------------------------------------------------------------------
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Autocast dtype of the forward pass; fp16 needs CUDA (with a loss scaler)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, slower).")
+    attention: Literal["sdpa", "default"] = Field(
+        "sdpa", description="UNet attention: torch scaled_dot_product_attention, or diffusers' plain processor."
+    )
+    cache_latents: bool = Field(
+        True, description="Encode each image (and flip variant) with the VAE once, on disk, shared by trials."
+    )
+    cache_text_embeddings: bool = Field(
+        True, description="Encode each caption once while the text encoder is frozen (unused when it trains)."
+    )
+    cache_dir: str | None = Field(None, description="Where caches live; None = <LORASWEEP_CACHE>/train_cache.")
 
     # --- evaluation samples -----------------------------------------------------------------
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -101,26 +186,73 @@ class TrainConfig(BaseModel):
         problems = []
         if self.resolution % 8:
             problems.append(f"resolution: {self.resolution} is not a multiple of 8 (VAE downsamples by 8)")
-        if self.lr_warmup_steps >= self.max_train_steps and self.lr_scheduler != "constant":
+        if self.max_train_epochs is None and self.lr_warmup_steps >= self.max_train_steps and self.lr_scheduler != "constant":
             problems.append("lr_warmup_steps: must be smaller than max_train_steps")
+        if self.max_train_epochs is not None and "max_train_steps" in self.model_fields_set:
+            problems.append("max_train_epochs: set either max_train_epochs or max_train_steps, not both")
+        if self.with_prior_preservation:
+            if not self.class_prompt:
+                problems.append("class_prompt: required when with_prior_preservation is true (e.g. 'a photo of a dog')")
+            if not self.class_data_dir:
+                problems.append("class_data_dir: required when with_prior_preservation is true (a folder, may be empty)")
+        if self.dataset_type == "dreambooth" and not self.instance_prompt:
+            problems.append("instance_prompt: required for dataset_type dreambooth (e.g. 'a photo of sks dog')")
+        if self.enable_bucket:
+            problems += self._bucket_problems()
+        if self.cache_latents and not self.center_crop:
+            problems.append(
+                "cache_latents: random crops (center_crop: false) cannot be cached; set center_crop: true or cache_latents: false"
+            )
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("optimizer: adamw8bit needs bitsandbytes (CUDA only): `pip install bitsandbytes`, or use adamw")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _bucket_problems(self) -> list[str]:
+        out, step = [], self.bucket_reso_steps
+        if step % 8:
+            out.append(f"bucket_reso_steps: {step} is not a multiple of 8")
+        if self.min_bucket_reso > self.resolution:
+            out.append(f"min_bucket_reso: {self.min_bucket_reso} exceeds resolution {self.resolution}")
+        if self.max_bucket_reso < self.resolution:
+            out.append(f"max_bucket_reso: {self.max_bucket_reso} is below resolution {self.resolution}")
+        for name in ("min_bucket_reso", "max_bucket_reso"):
+            if getattr(self, name) % step:
+                out.append(f"{name}: {getattr(self, name)} is not a multiple of bucket_reso_steps ({step})")
+        return out
 
     @property
     def lora_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
 
+    @property
+    def te_lr(self) -> float:
+        """Text-encoder learning rate (falls back to learning_rate)."""
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
-    """One line per problem, each naming its dotted path (`train.rank: ...`)."""
+    """One line per problem, each naming its dotted path (`train.rank: ...`).
+
+    Cross-field problems are raised by the model validator as one '; '-joined message whose parts
+    start with their field name: they are split back into one line each, under that field's path.
+    """
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        path = ".".join(p for p in (prefix, loc) if p)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
+        if e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            for part in msg.split("; "):
+                field, sep, rest = part.partition(": ")
+                sub = ".".join(p for p in (loc, field) if p) if sep and " " not in field else loc
+                path = ".".join(p for p in (prefix, sub) if p)
+                lines.append(f"{path or '(top level)'}: {rest if sep and ' ' not in field else part}")
+            continue
+        path = ".".join(p for p in (prefix, loc) if p)
         lines.append(f"{path or '(top level)'}: {msg}")
     return lines
 

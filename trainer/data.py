@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +32,12 @@ class Example:
     caption: str
 
 
-def load_kohya_folder(root: str | Path) -> list[Example]:
-    """Examples of a kohya dataset, each repeated as its folder's `<repeats>_` prefix says.
+def load_kohya_folder(root: str | Path, num_repeats: int | None = None) -> list[Example]:
+    """Examples of a kohya dataset, each repeated as its folder's `<repeats>_` prefix says
+    (or `num_repeats` times when given).
 
-    A missing caption file falls back to the folder's class tokens (`<trigger> <class>`),
-    as kohya sd-scripts does.
+    A missing caption file (`.txt`, else `.caption`) falls back to the folder's class tokens
+    (`<trigger> <class>`), as kohya sd-scripts does.
     """
     root = Path(root)
     if not root.is_dir():
@@ -49,7 +53,7 @@ def load_kohya_folder(root: str | Path) -> list[Example]:
         images = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         for image in images:
             caption = _read_caption(image) or class_tokens
-            examples.extend([Example(image, caption)] * int(repeats_str))
+            examples.extend([Example(image, caption)] * (num_repeats or int(repeats_str)))
     if not examples:
         raise DatasetError(f"dataset folder {root} has kohya subfolders but no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return examples
@@ -63,6 +67,21 @@ def _read_caption(image: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock (fcntl) on `path`, held for the block; other processes wait.
+
+    Works across processes on one machine and on NFS with lockd; the lock file itself is left behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def resolve_dataset(dataset: str, cache_root: Path) -> Path:
     """Turn `builtin:demo` into the generated demo folder; anything else is a path."""
     if dataset == DEMO_DATASET_ID:
@@ -70,21 +89,25 @@ def resolve_dataset(dataset: str, cache_root: Path) -> Path:
     return Path(dataset).expanduser()
 
 
-def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: np.random.Generator) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop square, optionally flip; CHW in [-1, 1]."""
+def load_image(
+    path: Path, resolution: int | tuple[int, int], center_crop: bool, flip: bool, rng: np.random.Generator
+) -> torch.Tensor:
+    """Resize to cover `resolution` (a square side, or a (width, height) bucket), crop to it,
+    optionally flip; CHW float32 in [-1, 1]. Random crops draw from `rng`."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except OSError as err:
         raise DatasetError(f"cannot read image {path}: {err}; remove or replace the file") from None
-    scale = resolution / min(im.size)
-    im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), Image.BICUBIC)
+    scale = max(width / im.width, height / im.height)
+    im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
     if center_crop:
-        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+        left, top = (im.width - width) // 2, (im.height - height) // 2
     else:
-        left = int(rng.integers(0, im.width - resolution + 1))
-        top = int(rng.integers(0, im.height - resolution + 1))
-    im = im.crop((left, top, left + resolution, top + resolution))
+        left = int(rng.integers(0, im.width - width + 1))
+        top = int(rng.integers(0, im.height - height + 1))
+    im = im.crop((left, top, left + width, top + height))
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0

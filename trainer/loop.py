@@ -1,10 +1,11 @@
-"""The LoRA training loop, in plain phases: setup, step, sample, save, restore.
+"""The LoRA training loop, in plain phases: setup, step, evaluate (sample), save, restore.
 
 Knows nothing of Ray or W&B: callers drive it step by step and read metrics from a callback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -12,18 +13,21 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from trainer.config import TARGET_MODULES, TrainConfig
-from trainer.data import EpochSampler, load_image, load_kohya_folder, resolve_dataset
+from trainer.buckets import BucketBatchSampler
+from trainer.config import TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES, TrainConfig, TrainConfigError
+from trainer.data import EpochSampler, Example, load_image
+from trainer.datasets import ensure_class_images, load_train_data
 from trainer.model_loading import SDComponents, load_sd_components
 from trainer.prompts import encode_prompts
-from trainer.tiny import cache_root
 
 MetricsCallback = Callable[[dict], None]
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainingDiverged(RuntimeError):
@@ -31,69 +35,145 @@ class TrainingDiverged(RuntimeError):
 
 
 class LoraTrainer:
-    """One LoRA run on an SD 1.x UNet. `step()` is one optimizer step."""
+    """One LoRA run on an SD 1.x UNet (and optionally its text encoder). `step()` is one optimizer step.
+
+    When max_train_epochs is set, `cfg.max_train_steps` of `self.cfg` is replaced by the number of
+    steps those epochs take on this data (read `trainer.cfg`, not the config passed in).
+    """
 
     def __init__(self, cfg: TrainConfig, components: SDComponents | None = None, device: str | None = None):
-        self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG
+        _check_device(cfg, self.device)
         self.models = components or load_sd_components(cfg.base_model)
-        self._setup_models()
-        self.examples = load_kohya_folder(resolve_dataset(cfg.dataset, cache_root()))
-        self.sampler = EpochSampler(len(self.examples), cfg.seed)
+        self._setup_models(cfg)
+        ensure_class_images(cfg, self.models)  # with the base model, before any LoRA layer exists
+        self.data = load_train_data(cfg)
+        self.examples = self.data.examples
+        self.latent_cache, self.text_cache = self._setup_caches(cfg)
+        torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG
+        self._setup_lora(cfg)
+        sizes = sorted(set(self.data.target_sizes.values()))
+        bucket_ids = [sizes.index(self.data.target_sizes[e.image_path]) for e in self.data.examples]
+        self.sampler = BucketBatchSampler(bucket_ids, cfg.train_batch_size, cfg.seed)
+        self.class_sampler = EpochSampler(len(self.data.class_examples), cfg.seed + 1) if self.data.class_examples else None
+        self.steps_per_epoch = math.ceil(self.sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
+        if cfg.max_train_epochs is not None:
+            cfg = cfg.model_copy(update={"max_train_steps": cfg.max_train_epochs * self.steps_per_epoch})
+        self.cfg = cfg
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.np_rng = np.random.default_rng(cfg.seed)
-        self.params = [p for p in self.models.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )
+        self.np_rng = np.random.default_rng(cfg.seed)  # flips and random crops
+        self.caption_rng = np.random.default_rng([cfg.seed, 1])  # caption dropout
+        self.optimizer = self._make_optimizer(cfg)
         self.lr_scheduler = get_scheduler(
-            cfg.lr_scheduler,
-            optimizer=self.optimizer,
-            num_warmup_steps=cfg.lr_warmup_steps,
-            num_training_steps=cfg.max_train_steps,
-            num_cycles=cfg.lr_num_cycles,
-            power=cfg.lr_power,
+            cfg.lr_scheduler, optimizer=self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
         )
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
         self.global_step = 0
 
     # --- setup ----------------------------------------------------------------------------
-    def _setup_models(self) -> None:
-        m, cfg = self.models, self.cfg
+    def _setup_models(self, cfg: TrainConfig) -> None:
+        m = self.models
         for module in (m.unet, m.vae, m.text_encoder):
             module.requires_grad_(False)
             module.to(self.device)
+        m.unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
         if cfg.prediction_type is not None:
             m.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-        lora = LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=TARGET_MODULES[cfg.target_modules],
-        )
-        m.unet.add_adapter(lora)
+
+    def _setup_caches(self, cfg: TrainConfig):
+        from trainer.cache import ensure_latent_cache, ensure_text_cache
+
+        m = self.models
+        latents = ensure_latent_cache(cfg, m.vae, self.data) if cfg.cache_latents else None
+        text = None
+        if cfg.cache_text_embeddings and not cfg.train_text_encoder:
+            text = ensure_text_cache(cfg, m.tokenizer, m.text_encoder, self.data.captions(), cfg.clip_skip)
+        return latents, text
+
+    def _setup_lora(self, cfg: TrainConfig) -> None:
+        m = self.models
+        if cfg.mixed_precision != "no" and self.device.type == "cuda":
+            m.unet.to(dtype=_DTYPES[cfg.mixed_precision])  # frozen base in half precision saves memory
+        lora = dict(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian")
+        m.unet.add_adapter(LoraConfig(**lora, target_modules=TARGET_MODULES[cfg.target_modules]))
+        modules = [m.unet]
+        if cfg.train_text_encoder:
+            m.text_encoder.add_adapter(
+                LoraConfig(**lora, target_modules=TEXT_ENCODER_TARGET_MODULES[cfg.target_modules]), adapter_name="default"
+            )
+            modules.append(m.text_encoder)
+            m.text_encoder.train()
+        cast_training_params(modules, dtype=torch.float32)  # LoRA weights and optimizer state in fp32
+        if cfg.gradient_checkpointing:
+            m.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                m.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.unet.train()
 
-    # --- step -----------------------------------------------------------------------------
-    def _batch(self) -> tuple[torch.Tensor, list[str]]:
-        idx = self.sampler.next_indices(self.cfg.train_batch_size)
-        cfg = self.cfg
-        pixels = []
-        for i in idx:
-            flip = cfg.random_flip and bool(self.np_rng.random() < 0.5)
-            pixels.append(load_image(self.examples[i].image_path, cfg.resolution, cfg.center_crop, flip, self.np_rng))
-        return torch.stack(pixels).to(self.device), [self.examples[i].caption for i in idx]
+    def _make_optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
+        self.unet_params = [p for p in self.models.unet.parameters() if p.requires_grad]
+        self.te_params = [p for p in self.models.text_encoder.parameters() if p.requires_grad] if cfg.train_text_encoder else []
+        groups = [{"params": self.unet_params, "lr": cfg.learning_rate}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": cfg.te_lr})
+        kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
 
-    def _loss(self, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        m, cfg = self.models, self.cfg
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.unet_params + self.te_params
+
+    def _autocast(self):
+        if self.cfg.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.cfg.mixed_precision])
+
+    # --- step -----------------------------------------------------------------------------
+    def _latents(self, examples: list[Example], flips: list[bool]) -> torch.Tensor:
+        """Scaled latents sampled from the VAE's distribution with self.generator, from the cache or
+        by encoding the images now; both paths draw the same noise, so losses agree."""
+        vae = self.models.vae
+        if self.latent_cache is not None:
+            moments = [self.latent_cache.moments(e.image_path, f) for e, f in zip(examples, flips)]
+            mean = torch.stack([mu for mu, _ in moments]).to(self.device)
+            std = torch.stack([s for _, s in moments]).to(self.device)
+            sample = torch.randn(mean.shape, generator=self.generator, device=self.device, dtype=mean.dtype)
+            latents = mean + std * sample
+        else:
+            cfg = self.cfg
+            pixels = torch.stack([
+                load_image(e.image_path, self.data.target_sizes[e.image_path], cfg.center_crop, f, self.np_rng)
+                for e, f in zip(examples, flips)
+            ]).to(self.device)
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample(self.generator)
+        return latents * vae.config.scaling_factor
+
+    def _cond(self, captions: list[str]) -> torch.Tensor:
+        m = self.models
+        if self.text_cache is not None:
+            return self.text_cache.embeddings(captions).to(self.device)
+        if self.cfg.train_text_encoder:
+            with self._autocast():
+                return encode_prompts(m.tokenizer, m.text_encoder, captions, self.cfg.clip_skip)
         with torch.no_grad():
-            latents = m.vae.encode(pixels).latent_dist.sample(self.generator) * m.vae.config.scaling_factor
-            cond = encode_prompts(m.tokenizer, m.text_encoder, captions, cfg.clip_skip)
+            return encode_prompts(m.tokenizer, m.text_encoder, captions, self.cfg.clip_skip)
+
+    def _inputs(self, examples: list[Example], dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        flips = [cfg.random_flip and bool(self.np_rng.random() < 0.5) for _ in examples]
+        captions = [e.caption for e in examples]
+        if dropout and cfg.caption_dropout_rate > 0:
+            captions = ["" if self.caption_rng.random() < cfg.caption_dropout_rate else c for c in captions]
+        return self._latents(examples, flips), self._cond(captions)
+
+    def _per_sample_loss(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        m, cfg = self.models, self.cfg
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         if cfg.noise_offset:
             offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.generator, device=self.device)
@@ -102,43 +182,81 @@ class LoraTrainer:
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=self.device)
         noisy = sched.add_noise(latents, noise, t)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        pred = m.unet(noisy, t, cond).sample
-        if cfg.snr_gamma is None:
-            return F.mse_loss(pred.float(), target.float())
-        return min_snr_loss(pred, target, compute_snr(sched, t), cfg.snr_gamma, sched.config.prediction_type)
+        with self._autocast():
+            pred = m.unet(noisy, t, cond).sample
+        snr = compute_snr(sched, t) if cfg.snr_gamma is not None else None
+        return per_sample_loss(pred, target, snr, cfg.snr_gamma, sched.config.prediction_type)
+
+    def _micro_batch_loss(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Instance loss and (with prior preservation) the prior loss of one micro-batch."""
+        batch = [self.data.examples[i] for i in self.sampler.next_batch()]
+        latents, cond = self._inputs(batch, dropout=True)
+        if self.class_sampler is None:
+            return self._per_sample_loss(latents, cond).mean(), None
+        classes = [self.data.class_examples[i] for i in self.class_sampler.next_indices(len(batch))]
+        c_latents, c_cond = self._inputs(classes, dropout=False)
+        if c_latents.shape == latents.shape:  # one forward over both halves, as diffusers' DreamBooth does
+            per = self._per_sample_loss(torch.cat([latents, c_latents]), torch.cat([cond, c_cond]))
+            return per[: len(batch)].mean(), per[len(batch) :].mean()
+        return self._per_sample_loss(latents, cond).mean(), self._per_sample_loss(c_latents, c_cond).mean()
 
     def step(self) -> dict:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         cfg = self.cfg
         start = time.perf_counter()
-        total = 0.0
+        total, prior_total = 0.0, 0.0
         for _ in range(cfg.gradient_accumulation_steps):
-            pixels, captions = self._batch()
-            loss = self._loss(pixels, captions) / cfg.gradient_accumulation_steps
-            loss.backward()
+            loss, prior = self._micro_batch_loss()
+            if prior is not None:
+                prior_total += prior.item() / cfg.gradient_accumulation_steps
+                loss = loss + cfg.prior_loss_weight * prior
+            loss = loss / cfg.gradient_accumulation_steps
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         if not math.isfinite(total):
             raise TrainingDiverged(
                 f"loss became {total} at step {self.global_step + 1} (lr {self.lr_scheduler.get_last_lr()[0]:.3g}); "
                 "lower the learning rate or enable gradient clipping"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        lr = self.lr_scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        grad_norm = self._optimizer_step()
+        lrs = self.lr_scheduler.get_last_lr()
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         seconds = time.perf_counter() - start
-        return {
+        metrics = {
             "step": self.global_step,
+            "epoch": self.sampler.epoch,
             "loss": total,
-            "lr": lr,
+            "lr": lrs[0],
             "grad_norm": float(grad_norm),
             "images_per_sec": cfg.train_batch_size * cfg.gradient_accumulation_steps / seconds,
         }
+        if self.te_params:
+            metrics["lr_text_encoder"] = lrs[1]
+        if self.class_sampler is not None:
+            metrics["prior_loss"] = prior_total
+        return metrics
 
-    def train(self, num_steps: int | None = None, callback: MetricsCallback | None = None) -> list[dict]:
-        """Run `num_steps` steps (default: until max_train_steps); returns every step's metrics."""
+    def _optimizer_step(self) -> torch.Tensor:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def train(
+        self,
+        num_steps: int | None = None,
+        callback: MetricsCallback | None = None,
+        checkpoint_fn: Callable[["LoraTrainer"], object] | None = None,
+    ) -> list[dict]:
+        """Run `num_steps` steps (default: until cfg.max_train_steps); returns every step's metrics.
+        `checkpoint_fn(trainer)` runs every cfg.checkpoint_interval steps (when > 0)."""
         remaining = self.cfg.max_train_steps - self.global_step
         steps = remaining if num_steps is None else min(num_steps, remaining)
         history = []
@@ -147,49 +265,98 @@ class LoraTrainer:
             history.append(metrics)
             if callback:
                 callback(metrics)
+            interval = self.cfg.checkpoint_interval
+            if checkpoint_fn and interval and self.global_step % interval == 0:
+                checkpoint_fn(self)
         return history
 
-    # --- sample ---------------------------------------------------------------------------
+    # --- evaluate -------------------------------------------------------------------------
     def sample(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         from trainer.sampling import sample_images
 
-        self.models.unet.eval()
+        m = self.models
+        m.unet.eval()
+        m.text_encoder.eval()
         try:
-            return sample_images(self.models, prompts, seeds, self.cfg.clip_skip, self.cfg.resolution, self.cfg.sampling)
+            with self._autocast() if self.device.type == "cuda" else contextlib.nullcontext():
+                return sample_images(m, prompts, seeds, self.cfg.clip_skip, self.cfg.resolution, self.cfg.sampling)
         finally:
-            self.models.unet.train()
+            m.unet.train()
+            if self.cfg.train_text_encoder:
+                m.text_encoder.train()
+
+    def evaluate(self) -> np.ndarray:
+        """The validation images of cfg.sampling (prompts at their seeds), NHWC uint8."""
+        s = self.cfg.sampling
+        return self.sample(s.prompts, s.seeds or list(range(len(s.prompts))))
 
     # --- save / restore -------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """peft-format UNet LoRA weights (keys without the adapter name)."""
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.models.unet).items()}
 
+    def text_encoder_lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """peft-format text-encoder LoRA weights; empty when the text encoder is not trained."""
+        if not self.cfg.train_text_encoder:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.models.text_encoder).items()}
+
     def state_dict(self) -> dict:
+        """Everything that decides the rest of the run: weights, optimizer, schedule, RNGs, data order."""
         return {
             "lora": self.lora_state_dict(),
+            "text_encoder_lora": self.text_encoder_lora_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
             "global_step": self.global_step,
             "sampler": self.sampler.state_dict(),
+            "class_sampler": self.class_sampler.state_dict() if self.class_sampler else None,
             "generator": self.generator.get_state(),
             "np_rng": self.np_rng.bit_generator.state,
+            "caption_rng": self.caption_rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         set_peft_model_state_dict(self.models.unet, state["lora"])
+        if self.cfg.train_text_encoder:
+            set_peft_model_state_dict(self.models.text_encoder, state["text_encoder_lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.global_step = state["global_step"]
         self.sampler.load_state_dict(state["sampler"])
+        if self.class_sampler is not None:
+            self.class_sampler.load_state_dict(state["class_sampler"])
         self.generator.set_state(state["generator"])
         self.np_rng.bit_generator.state = state["np_rng"]
+        self.caption_rng.bit_generator.state = state["caption_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+
+def _check_device(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        raise TrainConfigError(f"mixed_precision: fp16 needs a CUDA device (this run is on {device}); use bf16 or no")
+    if cfg.optimizer == "adamw8bit" and device.type != "cuda":
+        raise TrainConfigError(f"optimizer: adamw8bit (bitsandbytes) needs a CUDA device (this run is on {device}); use adamw")
+
+
+def per_sample_loss(pred, target, snr: torch.Tensor | None, gamma: float | None, prediction_type: str) -> torch.Tensor:
+    """Per-sample MSE (mean over C, H, W), weighted by min(SNR, gamma) / SNR when `snr` is given
+    (Hang et al. 2023); v-prediction uses min(SNR, gamma) / (SNR + 1)."""
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    if snr is None:
+        return per
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    return per * weights
 
 
 def min_snr_loss(pred, target, snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """MSE weighted per sample by min(SNR, gamma) / SNR (Hang et al. 2023); v-prediction uses SNR + 1."""
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    """Mean of the min-SNR weighted per-sample MSE."""
+    return per_sample_loss(pred, target, snr, gamma, prediction_type).mean()

@@ -1,0 +1,35 @@
+"""Light definitions shared by the model wrapper and the service's clients (numpy only), so that
+a Ray client of the evaluator service does not import torch or open_clip."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# For real scoring: ViT-L/14 with OpenAI's weights, the CLIP that SD 1.x's text encoder comes
+# from and the one most CLIP-score numbers in papers use. OpenAI trained it with QuickGELU, so
+# the `-quickgelu` config is the one that matches those weights.
+DEFAULT_MODEL = "ViT-L-14-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+TORCHMETRICS_SCALE = 100.0  # CLIP-T scale; see evaluator.metrics
+
+
+def validate_images(images: object) -> None:
+    """Raise a clear error unless `images` is a non-empty uint8 (N, H, W, 3) array."""
+    if not isinstance(images, np.ndarray):
+        raise TypeError("images must be a numpy array (N, H, W, 3) uint8, "
+                        f"got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        hint = (" (floats in [0, 1]: use (x * 255).round().astype(np.uint8))"
+                if images.dtype.kind == "f" else "")
+        raise ValueError(f"images must have dtype uint8, got {images.dtype}{hint}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be 4-D (N, H, W, 3) NHWC, got shape {images.shape}")
+    if images.shape[-1] != 3:
+        hint = " (looks like NCHW: transpose to NHWC)" if images.shape[1] == 3 else ""
+        hint = hint or (" (RGBA: drop alpha with images[..., :3])" if images.shape[-1] == 4 else "")
+        raise ValueError("images must have 3 RGB channels in the last axis, "
+                         f"got shape {images.shape}{hint}")
+    if images.shape[0] == 0:
+        raise ValueError("no images to embed: got an empty batch (N == 0)")
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise ValueError(f"images have zero height or width: shape {images.shape}")

@@ -1,0 +1,189 @@
+"""Export of a finished sweep: the top-k LoRAs (kohya + diffusers layouts) with metadata and a sha256 manifest.
+
+Layout in the sweep's folder (local or remote storage):
+
+    export/rank1/lora_kohya.safetensors, lora_diffusers.safetensors, samples.png, info.json
+    export/rank2/...
+    export/manifest.json          sha256 of every exported file; written last, so it marks a complete export
+    best.safetensors, best.json, best_samples.png   the winner (kohya layout when available: UIs load it)
+
+Multi-objective sweeps export their Pareto front instead of a top-k. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sweeps import storage
+from sweeps.results import TrialRecord, load_records, scored_checkpoints, sweep_uri
+from sweeps.spec import SweepSpec
+from sweeps.trainable import LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, TRIAL_INFO
+
+EXPORT_DIR = "export"
+MANIFEST = "manifest.json"
+LAYOUT_FILES = {"kohya": LORA_KOHYA, "diffusers": LORA_DIFFUSERS}
+
+
+@dataclass
+class Candidate:
+    record: TrialRecord
+    checkpoint: object  # ray.tune.Checkpoint
+    metrics: dict
+
+
+@dataclass
+class ExportResult:
+    best: Path  # local path of best.safetensors (a local mirror when the storage is remote)
+    manifest: dict
+    manifest_uri: str
+
+
+def choose(records: list[TrialRecord], spec: SweepSpec) -> list[Candidate]:
+    """Each trial's best checkpoint; the top-k by the primary objective, or the Pareto front."""
+    cands = []
+    for rec in records:
+        scored = scored_checkpoints(rec.result, spec)
+        if scored:
+            cands.append(Candidate(rec, scored[0][0], scored[0][1]))
+    sign = -1 if spec.primary.mode == "max" else 1
+    cands.sort(key=lambda c: (sign * float(c.metrics[spec.primary.metric]), c.record.row.trial_id))
+    if len(spec.objectives) > 1:
+        return [c for c in cands if not any(_dominates(o, c, spec) for o in cands if o is not c)]
+    return cands[: spec.export.top_k]
+
+
+def _dominates(a: Candidate, b: Candidate, spec: SweepSpec) -> bool:
+    better = False
+    for obj in spec.objectives:
+        sign = 1 if obj.mode == "max" else -1
+        va, vb = sign * float(a.metrics[obj.metric]), sign * float(b.metrics[obj.metric])
+        if va < vb:
+            return False
+        better |= va > vb
+    return better
+
+
+def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None) -> ExportResult:
+    """Export the sweep's winners into its storage and return where the winner is."""
+    records = load_records(spec) if records is None else records
+    chosen = choose(records, spec)
+    if not chosen:
+        reasons = "; ".join(f"{r.row.trial_id}: {r.row.reason}" for r in records if r.row.reason)
+        raise RuntimeError(f"no trial reported a finite {spec.primary.metric}; nothing to export ({reasons or 'no trials ran'})")
+    root = sweep_uri(spec)
+    staging = Path(spec.output_dir) / ".export-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    entries, hashes = [], {}
+    for rank, cand in enumerate(chosen, start=1):
+        entries.append(_export_one(spec, cand, rank, root, staging, hashes))
+    best_files = _export_best(spec, entries[0], root, staging, hashes)
+    manifest = {
+        "sweep": spec.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "objectives": [o.model_dump() for o in spec.objectives],
+        "selection": "pareto_front" if len(spec.objectives) > 1 else f"top_{spec.export.top_k}",
+        "entries": entries,
+        "best": entries[0]["files"] | {"lora": "best.safetensors", "info": "best.json", "samples": "best_samples.png"},
+        "sha256": hashes,
+    }
+    manifest_uri = storage.join(root, EXPORT_DIR, MANIFEST)
+    storage.write_text(manifest_uri, json.dumps(manifest, indent=2, default=str))
+    best = _local_best(spec, root, staging)
+    from sweeps.tracking import log_winner
+
+    # The artifact mirrors the sweep folder (export/manifest.json + export/rank1/...) so pull verifies it the same way.
+    log_winner(spec, {**{f"{EXPORT_DIR}/rank1/{p.name}": p for p in best_files},
+                      f"{EXPORT_DIR}/{MANIFEST}": _local_manifest(staging, manifest)}, manifest["entries"][0])
+    shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(best=best, manifest=manifest, manifest_uri=manifest_uri)
+
+
+def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging: Path, hashes: dict) -> dict:
+    rel_dir = f"{EXPORT_DIR}/rank{rank}"
+    local = staging / f"rank{rank}"
+    local.mkdir(parents=True)
+    with cand.checkpoint.as_directory() as src:
+        src = Path(src)
+        trial = json.loads((src / TRIAL_INFO).read_text())
+        files = {fmt: name for fmt, name in LAYOUT_FILES.items() if fmt in spec.export.formats and (src / name).is_file()}
+        if not files:
+            raise RuntimeError(f"{cand.checkpoint.path}: the checkpoint holds none of the formats {spec.export.formats}")
+        for name in [*files.values(), SAMPLES_FILE]:
+            shutil.copyfile(src / name, local / name)
+    info = {
+        "sweep": spec.name,
+        "rank": rank,
+        "trial_id": cand.record.row.trial_id,
+        "params": trial["params"],
+        "objectives": {o.metric: cand.metrics.get(o.metric) for o in spec.objectives},
+        "metrics": {k: v for k, v in trial["metrics"].items()},
+        "step": trial["metrics"].get("step"),
+        "train_config": spec.train_config(trial["params"]).model_dump(mode="json"),
+        "prompts": trial.get("prompts"),
+        "seeds": trial.get("seeds"),
+        "formats": {fmt: f"{rel_dir}/{name}" for fmt, name in files.items()},
+    }
+    (local / "info.json").write_text(json.dumps(info, indent=2, default=str))
+    rel_files = {**info["formats"], "samples": f"{rel_dir}/{SAMPLES_FILE}", "info": f"{rel_dir}/info.json"}
+    for rel in rel_files.values():
+        _put(local / Path(rel).name, root, rel, hashes)
+    return {k: info[k] for k in ("rank", "trial_id", "params", "objectives", "step")} | {"files": rel_files}
+
+
+def _export_best(spec: SweepSpec, entry: dict, root: str, staging: Path, hashes: dict) -> list[Path]:
+    local = staging / f"rank{entry['rank']}"
+    fmt = "kohya" if "kohya" in entry["files"] else "diffusers"
+    info = json.loads((local / "info.json").read_text())
+    info.update(format=fmt, lora="best.safetensors", objective={
+        "metric": spec.primary.metric, "mode": spec.primary.mode, "value": entry["objectives"][spec.primary.metric]})
+    shutil.copyfile(local / Path(entry["files"][fmt]).name, staging / "best.safetensors")
+    shutil.copyfile(local / SAMPLES_FILE, staging / "best_samples.png")
+    (staging / "best.json").write_text(json.dumps(info, indent=2, default=str))
+    for name in ("best.safetensors", "best_samples.png", "best.json"):
+        _put(staging / name, root, name, hashes)
+    return [local / Path(rel).name for rel in entry["files"].values()]
+
+
+def _local_manifest(staging: Path, manifest: dict) -> Path:
+    path = staging / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    return path
+
+
+def _put(local: Path, root: str, rel: str, hashes: dict) -> None:
+    hashes[rel] = storage.sha256_file(local)
+    storage.copy_file(local, storage.join(root, rel))
+
+
+def _local_best(spec: SweepSpec, root: str, staging: Path) -> Path:
+    """For remote storage, the winner is also mirrored into the local output folder, for people to use."""
+    out = Path(spec.output_dir)
+    if storage.is_uri(root):
+        for name in ("best.safetensors", "best.json", "best_samples.png"):
+            storage.copy_file(staging / name, out / name)
+    return out / "best.safetensors"
+
+
+def read_manifest(root: str) -> dict:
+    path = storage.join(root, EXPORT_DIR, MANIFEST)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path}: no export manifest (is this a finished sweep? run `sweeps/run.py --export-only`)")
+    return json.loads(storage.read_text(path))
+
+
+def verify_files(root: str, manifest: dict, rels: list[str] | None = None) -> None:
+    """Check the sha256 of the listed files (default: every file in the manifest) under `root`."""
+    for rel in manifest["sha256"] if rels is None else rels:
+        if rel not in manifest["sha256"]:
+            raise ValueError(f"{rel}: not listed in the export manifest of {root}")
+        target = storage.join(root, rel)
+        if not storage.exists(target):
+            raise FileNotFoundError(f"{target}: listed in the export manifest but missing")
+        actual, digest = storage.sha256_file(target), manifest["sha256"][rel]
+        if actual != digest:
+            raise ValueError(f"{target}: sha256 {actual} does not match the manifest ({digest}); "
+                             "the file was changed or damaged after export")

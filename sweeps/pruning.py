@@ -1,0 +1,110 @@
+"""Pruning on Ray Tune: an Optuna pruner bridged into a Tune scheduler, or Ray's ASHA.
+
+Ray's OptunaSearch creates its study with a NopPruner, so no Optuna pruner ever acts on a Tune
+sweep by itself. `OptunaPrunerScheduler` does it: on each result it reports the trial's objective
+at its `step` to the trial's Optuna trial (through the sweep's SweepOptunaSearch), asks the
+spec's pruner `pruner.prune(study, frozen_trial)` exactly as `optuna.Trial.should_prune` does,
+and returns STOP when it says so. STOP ends the trial at once, so its GPU goes to the next config;
+the searcher then tells the Optuna trial PRUNED and records it in `<study_dir>/pruned.json`.
+
+`AshaPruningScheduler` is Ray's ASHA on the trainable's `step`; trials it stops before `max_t`
+are recorded PRUNED the same way (Ray's OptunaSearch would tell them COMPLETE).
+
+Pruners are not saved in Optuna storage: they are rebuilt from the spec on every (re)start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from sweeps.search import SweepOptunaSearch, unwrap_searcher
+from sweeps.spec import OPTUNA_PRUNERS, SweepSpec, pruner_options
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner | None:
+    """The spec's Optuna pruner (its resources are training steps), or None for none/asha."""
+    name = OPTUNA_PRUNERS.get(spec.pruner.type)
+    if name is None:
+        return None
+    return getattr(optuna.pruners, name)(**pruner_options(spec))
+
+
+def make_scheduler(spec: SweepSpec) -> TrialScheduler | None:
+    """The Tune scheduler that prunes for the spec, or None (Tune's FIFO) when pruner is none."""
+    if spec.pruner.type == "none":
+        return None
+    if spec.pruner.type == "asha":
+        return AshaPruningScheduler(metric=spec.primary.metric, mode=spec.primary.mode, **pruner_options(spec))
+    return OptunaPrunerScheduler(make_pruner(spec), metric=spec.primary.metric, mode=spec.primary.mode)
+
+
+class _SearcherLink:
+    """Finds the sweep's SweepOptunaSearch through the controller that calls the scheduler."""
+
+    _searcher: SweepOptunaSearch | None = None
+
+    def searcher(self, tune_controller: Any) -> SweepOptunaSearch:
+        if self._searcher is None:
+            found = unwrap_searcher(tune_controller.search_alg)
+            if found is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} needs the sweep's searcher (sweeps.search.make_search_alg) "
+                    f"as the Tuner's search_alg; got {type(tune_controller.search_alg).__name__}"
+                )
+            self._searcher = found
+        return self._searcher
+
+    def __getstate__(self) -> dict:
+        # Tune pickles the scheduler with the experiment; the searcher is saved on its own.
+        state = self.__dict__.copy()
+        state.pop("_searcher", None)
+        return state
+
+    def _accepts(self, metric: str | None, mode: str | None) -> bool:
+        """TuneConfig may repeat the spec's metric/mode; only a different one is a conflict."""
+        return metric in (None, self._metric) and mode in (None, self._mode)
+
+
+class OptunaPrunerScheduler(_SearcherLink, FIFOScheduler):
+    """FIFO scheduling; on each new objective value, the Optuna pruner decides STOP or CONTINUE."""
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, metric: str, mode: str):
+        super().__init__()
+        self._metric, self._mode = metric, mode
+        self.pruner = pruner
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        return self._accepts(metric, mode)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        searcher = self.searcher(tune_controller)
+        # Tune calls the scheduler before the searcher: report here, the searcher skips the repeat.
+        step = searcher.report_intermediate(trial.trial_id, result)
+        if step is None:
+            return TrialScheduler.CONTINUE
+        if self.pruner.prune(searcher.study, searcher.frozen_trial(trial.trial_id)):
+            searcher.mark_pruned(trial.trial_id, step)
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+
+class AshaPruningScheduler(_SearcherLink, ASHAScheduler):
+    """Ray's ASHA over the trainable's `step`; its early stops are recorded as PRUNED."""
+
+    def __init__(self, metric: str, mode: str, **options):
+        super().__init__(time_attr="step", metric=metric, mode=mode, **options)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        return self._accepts(metric, mode)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        searcher = self.searcher(tune_controller)
+        searcher.report_intermediate(trial.trial_id, result)  # the study keeps the whole curve
+        decision = super().on_trial_result(tune_controller, trial, result)
+        step = result.get(self._time_attr)
+        if decision == TrialScheduler.STOP and step is not None and step < self._max_t:
+            searcher.mark_pruned(trial.trial_id, int(step))
+        return decision

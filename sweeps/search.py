@@ -1,0 +1,231 @@
+"""The sweep's Optuna search on Ray Tune: sampler, conditional space, study storage, PRUNED bookkeeping.
+
+`make_search_alg(spec, study_dir)` returns `ConcurrencyLimiter(SweepOptunaSearch(...))`. The
+Optuna study lives in `<study_dir>/optuna.journal` (a journal file: append-only, safe on NFS),
+named after the sweep and loaded if it exists, so a resumed sweep keeps its history and
+`optuna-dashboard <study_dir>/optuna.journal` watches it live.
+
+Ray's OptunaSearch (ray 2.60) reports intermediate values at `training_iteration` and tells
+every trial that a scheduler stopped COMPLETE with its partial score, so the sampler learns from
+it as if it had finished. SweepOptunaSearch reports at the trainable's `step` and tells trials
+that a scheduler pruned (sweeps.pruning) PRUNED; it also records them in `pruned.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from sweeps.spec import ParamSpace, SweepSpec, search_order
+
+JOURNAL_FILE = "optuna.journal"
+PRUNED_FILE = "pruned.json"
+RAY_TRIAL_ATTR = "ray_trial_id"  # user attr on each Optuna trial: which Tune trial ran it
+
+
+def optuna_distribution(param: ParamSpace) -> optuna.distributions.BaseDistribution:
+    if param.type == "choice":
+        return optuna.distributions.CategoricalDistribution(param.values)
+    if param.type == "int":
+        return optuna.distributions.IntDistribution(int(param.low), int(param.high), log=param.log,
+                                                    step=int(param.step or 1))
+    log = param.type == "loguniform"
+    return optuna.distributions.FloatDistribution(param.low, param.high, log=log, step=param.step)
+
+
+class ConditionalSpace:
+    """Define-by-run space: a field with `when` is suggested only when its condition holds on the
+    values chosen so far (or the fixed values). A class, not a closure: the searcher is pickled."""
+
+    def __init__(self, spec: SweepSpec):
+        self.params = spec.searched()
+        self.order = search_order(self.params)
+        fixed = spec.fixed()
+        self.fixed = {k: fixed[k] for p in self.params.values() for k in p.conditions() if k in fixed}
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        values = dict(self.fixed)
+        for name in self.order:
+            p = self.params[name]
+            if all(values.get(k, _default(k)) in ok for k, ok in p.conditions().items()):
+                values[name] = suggest(trial, name, p)
+
+
+def suggest(trial: optuna.Trial, name: str, p: ParamSpace) -> Any:
+    """Through the public suggest_* methods: Ray's OptunaSearch captures the config from them."""
+    if p.type == "choice":
+        return trial.suggest_categorical(name, p.values)
+    if p.type == "int":
+        return trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.type == "loguniform")
+
+
+def _default(field: str) -> Any:
+    from trainer.config import TrainConfig
+
+    return TrainConfig.model_fields[field].default
+
+
+def startup_trials(spec: SweepSpec) -> int:
+    """Random trials before TPE/GP model the results: a third of the budget, at most Optuna's 10."""
+    return max(1, min(10, spec.search.num_trials // 3))
+
+
+def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    s, seed = spec.search, spec.search.seed
+    params = spec.searched()
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "grid":
+        return optuna.samplers.GridSampler({n: p.grid_values() for n, p in params.items()}, seed=seed)
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(spec))
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(spec))
+    # Multivariate TPE with constant liar: parallel trials do not all pick the same config;
+    # group=True models each conditional sub-space on its own.
+    conditional = any(p.when for p in params.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is "experimental"
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, group=conditional,
+                                          n_startup_trials=startup_trials(spec))
+
+
+def nsga2_population(spec: SweepSpec) -> int:
+    """Generation size: a quarter of the budget (at least 2, at most Optuna's 50), so several
+    generations evolve within the trial budget."""
+    return max(2, min(50, spec.search.num_trials // 4))
+
+
+def journal_storage(study_dir: Path) -> JournalStorage:
+    return JournalStorage(JournalFileBackend(str(Path(study_dir) / JOURNAL_FILE)))
+
+
+def load_study(study_dir: Path, name: str) -> optuna.Study:
+    """The sweep's Optuna study, e.g. for a results table or optuna.importance."""
+    return optuna.load_study(study_name=name, storage=journal_storage(study_dir))
+
+
+def load_pruned(study_dir: Path) -> dict[str, int]:
+    """Tune trial id -> the step at which the trial was pruned; {} when none were."""
+    path = Path(study_dir) / PRUNED_FILE
+    if not path.is_file():
+        return {}
+    return {k: v["step"] for k, v in json.loads(path.read_text()).items()}
+
+
+class SweepOptunaSearch(OptunaSearch):
+    """OptunaSearch with the study in the sweep's storage, intermediate values at `step`,
+    initial configs enqueued once per study, and trials a scheduler pruned told PRUNED."""
+
+    def __init__(self, *, study_dir: Path, initial_configs: list[dict] | None = None, **kwargs):
+        self.study_dir = Path(study_dir)
+        self.pruned: dict[str, dict] = {}  # Tune trial id -> {"number": Optuna trial number, "step": step}
+        self._last_step: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
+        self._initial_configs = list(initial_configs or [])
+        super().__init__(**kwargs)
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        # Not through OptunaSearch's points_to_evaluate: that enqueues them again on every resume.
+        for config in self._initial_configs:
+            self._ot_study.enqueue_trial(config, skip_if_exists=True)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return isinstance(self.metric, list)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        new = trial_id not in self._ot_trials
+        config = super().suggest(trial_id)
+        if new:
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        return config
+
+    def report_intermediate(self, trial_id: str, result: dict) -> int | None:
+        """Report the objective to the Optuna trial at the result's `step` (the trainable's
+        training step; `training_iteration` when absent). Returns the step when this is a new
+        value, None when the result carries no objective or repeats a step (a restored trial)."""
+        if self.is_multi_objective or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return None
+        value = result.get(self.metric)
+        if value is None:
+            return None
+        step = int(result.get("step", result.get(TRAINING_ITERATION, 0)))
+        if step <= self._last_step.get(trial_id, -1):
+            return None
+        self._ot_trials[trial_id].report(float(value), step)
+        self._last_step[trial_id] = step
+        return step
+
+    def frozen_trial(self, trial_id: str) -> FrozenTrial:
+        """The Optuna trial of a Tune trial as its pruner sees it (what Trial.should_prune reads)."""
+        ot_trial = self._ot_trials[trial_id]
+        return self._ot_study._storage.get_trial(ot_trial._trial_id)
+
+    def mark_pruned(self, trial_id: str, step: int) -> None:
+        """Called by the scheduler that stops the trial: it is told PRUNED when Tune completes it."""
+        self.pruned[trial_id] = {"number": self._ot_trials[trial_id].number, "step": int(step)}
+        self.study_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.study_dir / f".{PRUNED_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps(self.pruned, indent=2, sort_keys=True))
+        os.replace(tmp, self.study_dir / PRUNED_FILE)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.report_intermediate(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.pruned and trial_id not in self._completed_trials and not error:
+            # Optuna records the last intermediate value as a pruned trial's value.
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def unwrap_searcher(search_alg: Any) -> SweepOptunaSearch | None:
+    """The SweepOptunaSearch inside Tune's wrappers (SearchGenerator, ConcurrencyLimiter)."""
+    node = search_alg
+    while node is not None and not isinstance(node, SweepOptunaSearch):
+        node = getattr(node, "searcher", None)
+    return node
+
+
+def make_search_alg(spec: SweepSpec, study_dir: Path) -> ConcurrencyLimiter:
+    """The sweep's searcher: Optuna over the spec's space, its study in `<study_dir>/optuna.journal`."""
+    study_dir = Path(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    multi = len(spec.objectives) > 1
+    searcher = SweepOptunaSearch(
+        study_dir=study_dir,
+        initial_configs=spec.search.initial_configs,
+        space=ConditionalSpace(spec),
+        metric=[o.metric for o in spec.objectives] if multi else spec.primary.metric,
+        mode=[o.mode for o in spec.objectives] if multi else spec.primary.mode,
+        sampler=make_sampler(spec),
+        study_name=spec.name,
+        storage=journal_storage(study_dir),
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+
+
+def make_scheduler(spec: SweepSpec):
+    """The pruning scheduler (see sweeps.pruning.make_scheduler); here too, beside its searcher."""
+    from sweeps.pruning import make_scheduler as build
+
+    return build(spec)

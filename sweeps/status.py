@@ -1,0 +1,16 @@
+"""`run.py --status`: the sweep's trials as its storage holds them now, without starting or touching any trial."""
+
+from __future__ import annotations
+
+from sweeps import storage
+from sweeps.results import experiment_path, format_table, load_records, sweep_uri
+from sweeps.spec import SweepSpec
+
+
+def sweep_status(spec: SweepSpec) -> str:
+    """A table of every trial (params, objective, state, steps, wall time) and whether an export exists."""
+    records = load_records(spec)
+    lines = [f"sweep {spec.name} at {experiment_path(spec)}", "", format_table([r.row for r in records], spec)]
+    manifest = storage.join(sweep_uri(spec), "export", "manifest.json")
+    lines.append(f"\nexport: {manifest}" if storage.exists(manifest) else "\nexport: not yet (written when the sweep ends)")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""W&B for a sweep: one run per trial (grouped by sweep), eval image grids, the winner as a model artifact.
+
+Everything is logged from inside the trial through Ray's `setup_wandb`: images sent through
+`WandbLoggerCallback` hung `Tuner.fit()` at the end here (DESIGN.md). Offline unless the spec
+asks for online AND `WANDB_API_KEY` is set; the key stays in the environment only, never in
+the settings handed to trials, the spec, or any file this project writes. Offline runs go to
+`<sweep dir>/wandb/wandb/offline-run-*`, inside the sweep's folder, not Ray's session folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from sweeps.spec import SweepSpec
+
+_QUIET = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+
+
+def wandb_mode(spec: SweepSpec) -> str:
+    online = spec.tracking.wandb.mode == "online" and bool(os.environ.get("WANDB_API_KEY"))
+    return "online" if online else "offline"
+
+
+def wandb_dir(spec: SweepSpec) -> Path:
+    return Path(spec.output_dir) / "wandb"
+
+
+def trial_settings(spec: SweepSpec) -> dict | None:
+    """What a trial needs to open its run (plain values, no secrets); None when tracking is off."""
+    cfg = spec.tracking.wandb
+    if not cfg.enabled:
+        return None
+    return {"project": cfg.project, "entity": cfg.entity, "group": spec.name, "mode": wandb_mode(spec),
+            "dir": str(wandb_dir(spec))}
+
+
+def _environment(settings: dict) -> None:
+    os.environ.update(_QUIET)
+    os.environ["WANDB_MODE"] = settings["mode"]
+    os.environ["WANDB_DIR"] = settings["dir"]
+    Path(settings["dir"]).mkdir(parents=True, exist_ok=True)
+
+
+class TrialTracker:
+    """The W&B run of one trial; `log_evaluation` after every evaluation."""
+
+    def __init__(self, settings: dict, params: dict, trial_id: str):
+        from ray.air.integrations.wandb import setup_wandb
+
+        _environment(settings)
+        self.run = setup_wandb(
+            config=dict(params), project=settings["project"], entity=settings["entity"],
+            group=settings["group"], dir=settings["dir"], mode=settings["mode"], job_type="trial",
+        )
+
+    def log_evaluation(self, metrics: dict, images: np.ndarray, prompts: list[str], seeds: list[int]) -> None:
+        import wandb
+
+        samples = [wandb.Image(im, caption=f"{p} (seed {s})") for im, p, s in zip(images, prompts, seeds)]
+        self.run.log({**metrics, "eval_samples": samples}, step=int(metrics["step"]))
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def log_winner(spec: SweepSpec, files: dict[str, Path], metadata: dict) -> str | None:
+    """The export as a model artifact (files by their name in it) with aliases `best` and the sweep id."""
+    settings = trial_settings(spec)
+    if settings is None:
+        return None
+    import wandb
+
+    _environment(settings)
+    run = wandb.init(project=settings["project"], entity=settings["entity"], group=spec.name,
+                     job_type="export", name=f"{spec.name}-export", dir=settings["dir"], mode=settings["mode"])
+    artifact = wandb.Artifact(f"lora-{spec.name}", type="model", metadata=metadata)
+    for name, path in files.items():
+        artifact.add_file(str(path), name=name)
+    run.log_artifact(artifact, aliases=["best", spec.name])
+    folder = run.dir
+    run.finish()
+    return folder
+
+
+def sync_command(spec: SweepSpec) -> str | None:
+    """The command that uploads this sweep's offline runs, or None when there are none."""
+    runs = sorted(glob.glob(str(wandb_dir(spec) / "wandb" / "offline-run-*")))
+    if not runs:
+        return None
+    return f"wandb sync {wandb_dir(spec) / 'wandb'}/offline-run-*"
+
+
+# --- reading offline runs back (tests, debugging) ------------------------------------------------
+_BLOCK = 32768
+_HEADER = 7  # record header: crc32 (4 bytes), length (2), type (1); the file header is 7 bytes too
+
+
+def read_records(path: str | Path) -> list:
+    """The protobuf records of an offline `run-*.wandb` file (W&B's leveldb-log framing)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file (header {data[:4]!r})")
+    records, pos, pending = [], _HEADER, b""
+    while pos + _HEADER <= len(data):
+        room = _BLOCK - pos % _BLOCK
+        if room < _HEADER:  # block trailer padding
+            pos += room
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        if length == 0 and kind == 0:
+            break
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """The logged rows (`run.log`) of an offline run file, values JSON-decoded."""
+    import json
+
+    rows = []
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+    return rows
+

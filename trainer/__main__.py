@@ -1,0 +1,180 @@
+"""Train one LoRA: `python -m trainer --config train.yaml [--set key=value ...] [--output DIR]
+[--format kohya|diffusers|both] [--resume]`.
+
+The YAML holds TrainConfig fields at the top level plus an optional `output:` section (dir,
+name, format, scale). `--set` overrides any key by its dotted path (`--set sampling.steps=4`),
+the value read as YAML. Every config problem is printed with its key, and the exit status is 2,
+before any model is loaded. The last line printed is the path of the exported LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.config import TrainConfig, format_validation_error
+
+EXIT_CONFIG = 2
+CHECKPOINTS = "checkpoints"
+
+
+class OutputOptions(BaseModel):
+    """Where and how the trained LoRA is written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = Field("runs/train", description="Output folder (created).")
+    name: str = Field("lora", min_length=1, description="File stem and ss_output_name of the LoRA.")
+    format: Literal["kohya", "diffusers", "both"] = Field(
+        "kohya", description="kohya: A1111/ComfyUI/diffusers-loadable; diffusers: pytorch_lora_weights layout."
+    )
+    scale: float = Field(1.0, gt=0, description="Strength baked into the kohya file (up weights x scale).")
+
+
+class ConfigProblems(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _set_dotted(values: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = values
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{dotted}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str | None) -> tuple[TrainConfig, OutputOptions]:
+    """Validated training config and output options, or ConfigProblems listing every problem."""
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigProblems([f"{path}: cannot read the config ({err.strerror or err})"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigProblems([f"{path}: not valid YAML ({err})"]) from None
+    if not isinstance(values, dict):
+        raise ConfigProblems([f"{path}: the top level must be a mapping of config keys"])
+    problems = []
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        try:
+            if not eq or not key:
+                raise ValueError(f"--set {item!r}: expected key=value")
+            _set_dotted(values, key.strip(), raw)
+        except (ValueError, yaml.YAMLError) as err:
+            problems.append(str(err))
+    out_values = values.pop("output", None) or {}
+    if not isinstance(out_values, dict):
+        problems.append("output: must be a mapping (dir, name, format, scale)")
+        out_values = {}
+    out_values.update({k: v for k, v in (("dir", output_dir), ("format", fmt)) if v is not None})
+    cfg = options = None
+    try:
+        cfg = TrainConfig(**values)
+    except ValidationError as err:
+        problems += format_validation_error(err)
+    try:
+        options = OutputOptions(**out_values)
+    except ValidationError as err:
+        problems += format_validation_error(err, prefix="output")
+    if options and options.scale != 1.0 and options.format == "diffusers":
+        problems.append("output.scale: only the kohya layout bakes a scale in; use format kohya or both")
+    if problems:
+        raise ConfigProblems(problems)
+    return cfg, options
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    from trainer.checkpoint import META_FILE
+
+    done = [p for p in folder.glob("step-*") if (p / META_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+
+
+def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = False) -> list[Path]:
+    """Train (resuming from the latest checkpoint when asked), checkpoint, export; the files written."""
+    from tqdm.auto import tqdm
+
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.export import kohya_metadata, save_lora_diffusers, save_lora_kohya
+    from trainer.loop import LoraTrainer
+
+    out = Path(options.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    trainer = LoraTrainer(cfg)
+    ckpt_root = out / CHECKPOINTS
+    if resume and (last := latest_checkpoint(ckpt_root)) is not None:
+        load_checkpoint(trainer, last)
+        print(f"resumed from {last} at step {trainer.global_step}", file=sys.stderr)
+    interval = getattr(cfg, "checkpoint_interval", None)  # optional field; None/0 = only at the end
+    bar = tqdm(total=cfg.max_train_steps, initial=trainer.global_step, unit="step", desc=options.name)
+
+    def on_step(metrics: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        if interval and metrics["step"] % interval == 0 and metrics["step"] < cfg.max_train_steps:
+            save_checkpoint(trainer, ckpt_root / f"step-{metrics['step']}")
+
+    try:
+        trainer.train(callback=on_step)
+    finally:
+        bar.close()
+    save_checkpoint(trainer, ckpt_root / f"step-{trainer.global_step}")
+    te = trainer.models.text_encoder if getattr(cfg, "train_text_encoder", False) else None
+    written = []
+    if options.format in ("diffusers", "both"):
+        written.append(save_lora_diffusers(trainer.models.unet, out / "diffusers" / "pytorch_lora_weights.safetensors", te))
+    if options.format in ("kohya", "both"):
+        meta = kohya_metadata(cfg, steps=trainer.global_step, output_name=options.name, training_started_at=started)
+        written.append(save_lora_kohya(trainer.models.unet, out / f"{options.name}.safetensors", te, meta, options.scale))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train one SD 1.x LoRA.")
+    parser.add_argument("--config", required=True, help="training YAML (TrainConfig fields + optional output:)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted path)")
+    parser.add_argument("--output", help="output folder (overrides output.dir)")
+    parser.add_argument("--format", choices=["kohya", "diffusers", "both"], help="export layout (overrides output.format)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    args = parser.parse_args(argv)
+    try:
+        cfg, options = read_run_config(args.config, args.set, args.output, args.format)
+    except ConfigProblems as err:
+        print(f"invalid config {args.config}:", file=sys.stderr)
+        for line in err.problems:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    from trainer.data import DatasetError
+    from trainer.loop import TrainingDiverged
+    from trainer.model_loading import BaseModelError
+
+    try:
+        written = train_and_export(cfg, options, resume=args.resume)
+    except DatasetError as err:
+        print(f"invalid config {args.config}:\n  dataset: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except BaseModelError as err:
+        print(f"invalid config {args.config}:\n  base_model: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrainingDiverged as err:
+        print(f"training stopped: {err}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
