@@ -13,7 +13,8 @@ file), scheduler (pruner), result handling and Tune's bookkeeping. Prints one JS
   per trial beyond the trial's own work (the stub's sleeps are subtracted): a GPU idles this long;
 - driver_cpu_ms_per_trial: the driver process's CPU time (user + sys) per trial: the cost of
   searcher, scheduler and Tune bookkeeping, which does not depend on worker start-up;
-- driver_peak_rss_mb: the driver's peak resident memory, sampled every 0.2 s with psutil.
+- driver_peak_rss_mb: the driver's peak resident memory, sampled every 0.2 s with psutil
+  (driver_rss_before_fit_mb: the same before fit(), i.e. imports and Tuner construction).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
              include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         tuner, spec = (lorasweep_tuner if args.mode == "lorasweep" else plain_tuner)(args, tmp)
+        rss0 = psutil.Process().memory_info().rss  # after imports and Tuner construction
         cpu0 = psutil.Process().cpu_times()
         with PeakRss() as rss:
             t0 = time.perf_counter()
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "slot_s_per_trial": round(wall * args.concurrency / args.trials - work, 2),
         "driver_cpu_ms_per_trial": round(((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / args.trials * 1000, 1),
         "driver_peak_rss_mb": round(rss.peak / 2**20),
+        "driver_rss_before_fit_mb": round(rss0 / 2**20),
     }
     print(json.dumps(out), flush=True)
     return 0

@@ -27,7 +27,6 @@ class MissingReference(LookupError):
     """A reference key that the service has not cached (never put, or the service restarted)."""
 
 
-
 class EvaluatorService:
     """The service's body; `evaluator.service` makes it a Ray actor. Async: each request is a
     coroutine; the model runs in one worker thread, fed by `ImageBatcher`."""

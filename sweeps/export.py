@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweeps import storage
-from sweeps.results import TrialRecord, load_records, scored_checkpoints, sweep_uri
+from sweeps.results import (LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, TRIAL_INFO, TrialRecord, load_records,
+                            scored_checkpoints, sweep_uri)
 from sweeps.spec import SweepSpec
-from sweeps.trainable import LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, TRIAL_INFO
 
 EXPORT_DIR = "export"
 MANIFEST = "manifest.json"

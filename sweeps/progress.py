@@ -30,8 +30,8 @@ class ProgressPrinter(Callback):
         print(f"{self._stamp()} trial {trial.trial_id} finished", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"{self._stamp()} trial {trial.trial_id} lost its worker; retrying from its last checkpoint "
-              f"({_last_error_line(trial)})", flush=True)
+        print(f"{self._stamp()} trial {trial.trial_id} failed ({_last_error_line(trial)}); "
+              "retrying from its last checkpoint", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{self._stamp()} trial {trial.trial_id} FAILED: {_last_error_line(trial)}", flush=True)

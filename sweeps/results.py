@@ -19,6 +19,12 @@ from sweeps.spec import SweepSpec
 
 EXPERIMENT = "tune"  # Ray's experiment folder inside the sweep folder
 FAILURES = "failures"  # <sweep>/failures/<trial id>.json: why a trial failed for good (see trainable)
+# What every trial checkpoint holds (written by sweeps.trainable, copied by sweeps.export).
+LORA_DIFFUSERS = "lora_diffusers.safetensors"
+LORA_KOHYA = "lora_kohya.safetensors"
+SAMPLES_FILE = "samples.png"
+TRIAL_INFO = "trial.json"  # params, metrics, prompts and seeds of the checkpoint's evaluation
+STATE_DIR = "state"  # the trainer's exact state (safetensors + JSON)
 STATES = {"RUNNING": "running", "PENDING": "pending", "PAUSED": "pending", "ERROR": "failed", "TERMINATED": "complete"}
 
 

@@ -54,8 +54,13 @@ def describe(spec) -> str:
 
 def sweep(spec, args) -> int:
     from sweeps.prepare import prepare_sweep
-    from sweeps.tuner import run_sweep
+    from sweeps.results import sweep_uri
+    from sweeps.storage import check_writable
+    from sweeps.tuner import can_resume, run_sweep
 
+    check_writable(sweep_uri(spec))  # before models are built or Ray is started
+    if args.resume and not can_resume(spec):
+        raise FileNotFoundError(f"--resume: no sweep {spec.name} in {spec.storage_uri}; run without --resume to start it")
     spec = prepare_sweep(spec, args.space)
     print(f"sweep {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at a time, "
           f"output {spec.output_dir}", flush=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import yaml
@@ -21,6 +20,8 @@ from trainer.config import TrainConfig, TrainConfigError, build_train_config, fo
 KNOWN_METRICS = (
     "clip_score", "clip_score_concept", "clip_score_new_setting", "clip_score_no_concept", "clip_i",
     "prior_preservation", "trigger_effect", "objective", "loss",
+    # evaluator.score.suite_metrics: clip_score_<kind> for each kind of prompt in the suite
+    "clip_score_natural", "clip_score_trigger_on", "clip_score_trigger_off",
 )
 # Optuna pruner per `pruner.type` (options are checked against these classes' signatures).
 OPTUNA_PRUNERS = {
@@ -366,9 +367,16 @@ def _section(spec: SweepSpec, name: str, cls: type[BaseModel]) -> Any:
 
 def _objectives(spec: SweepSpec) -> list[ObjectiveSpec]:
     raw = getattr(spec, "objective", None)
-    items = raw if isinstance(raw, list) else [raw]
-    out = [o if isinstance(o, ObjectiveSpec) else _section(SimpleNamespace(o=o), "o", ObjectiveSpec) for o in items]
-    return [o for o in out if o is not None]
+    out = []
+    for item in raw if isinstance(raw, list) else [raw]:
+        if isinstance(item, ObjectiveSpec):
+            out.append(item)
+        elif isinstance(item, dict):
+            try:
+                out.append(ObjectiveSpec(**item))
+            except ValidationError:
+                pass  # already reported by the model's own validation
+    return out
 
 
 def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> list[str]:
@@ -456,6 +464,9 @@ def _pruner_problems(spec: SweepSpec, pruner: PrunerSpec, n_objectives: int) -> 
     if n_objectives > 1:
         return ["pruner.type: Optuna cannot prune a multi-objective study; set pruner: {type: none} "
                 "or use a single objective"]
+    if pruner.type == "wilcoxon" and importlib.util.find_spec("scipy") is None:
+        return ["pruner.type: wilcoxon (optuna WilcoxonPruner) needs scipy, which is not installed; "
+                "pip install scipy, or use median"]
     if pruner.type == "asha":
         from ray.tune.schedulers import ASHAScheduler as cls
 
@@ -473,6 +484,9 @@ def _pruner_problems(spec: SweepSpec, pruner: PrunerSpec, n_objectives: int) -> 
     opts = pruner_options(spec)
     out += [f"pruner.options.{k}: required by {name}" for k, v in params.items()
             if v.default is inspect.Parameter.empty and k not in opts]
+    if pruner.type == "asha" and "max_t" not in opts:
+        out.append("pruner.options.max_t: required with max_train_epochs (a trial's steps depend on the "
+                   "dataset); give the longest trial's training steps")
     if not out:
         try:
             extra = {"time_attr": "step", "metric": spec.primary.metric, "mode": spec.primary.mode} if reserved else {}
@@ -503,7 +517,7 @@ def _eval_problems(spec: SweepSpec, ev: EvalSpec) -> list[str]:
     return []
 
 
-def _cross_problems(spec: SweepSpec, complete: bool) -> list[str]:
+def _cross_problems(spec: SweepSpec) -> list[str]:
     """Checks across sections, each run on the sections that validated on their own."""
     params = _valid_params(spec)
     params = {k: p for k, p in params.items() if not p.problems()}
@@ -513,8 +527,10 @@ def _cross_problems(spec: SweepSpec, complete: bool) -> list[str]:
     resources, ev = _section(spec, "resources", ResourcesSpec), _section(spec, "eval", EvalSpec)
     if search:
         out += _search_problems(spec, search, len(objectives), params)
-    if pruner and complete:  # the pruner's defaults read eval, train and objective
-        out += _pruner_problems(spec, pruner, len(objectives))
+    if pruner and ev and objectives:
+        # The pruner's defaults read eval and objective: use their validated forms.
+        view = spec.model_copy(update={"pruner": pruner, "eval": ev, "objective": objectives})
+        out += _pruner_problems(view, pruner, len(objectives))
     if resources:
         out += _resource_problems(resources)
     if ev:
@@ -534,7 +550,7 @@ def parse_spec(data: dict, source: str = "<spec>") -> SweepSpec:
         spec = SweepSpec.model_construct(**data)
         if not all(isinstance(getattr(spec, k, None), dict) for k in ("train", "space")):
             raise SpecError(source, problems) from None
-    problems += _space_problems(spec) + _train_problems(spec) + _cross_problems(spec, complete=not problems)
+    problems += _space_problems(spec) + _train_problems(spec) + _cross_problems(spec)
     if problems:
         raise SpecError(source, problems)
     return spec

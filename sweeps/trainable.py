@@ -19,16 +19,11 @@ from PIL import Image
 from ray import tune
 
 from sweeps import storage
-from sweeps.results import FAILURES
+from sweeps.results import FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.spec import SweepSpec, parse_spec
 from trainer.config import TrainConfigError
 from trainer.loop import LoraTrainer, TrainingDiverged
 
-LORA_DIFFUSERS = "lora_diffusers.safetensors"
-LORA_KOHYA = "lora_kohya.safetensors"
-SAMPLES_FILE = "samples.png"
-TRIAL_INFO = "trial.json"
-STATE_DIR = "state"
 
 Scorer = Callable[[np.ndarray, list[str]], dict]
 

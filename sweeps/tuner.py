@@ -49,7 +49,7 @@ def build_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tune
             num_samples=spec.search.num_trials,
             metric=metric,
             mode=mode,
-            reuse_actors=False,
+            reuse_actors=True,  # a trial worker starts in seconds; reusing it for the next trial saves them
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
@@ -94,10 +94,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
     """Run (or, with `resume` or when the storage already holds this sweep, continue) the sweep."""
     storage.check_writable(sweep_uri(spec))
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
-    ensure_ray(address)
     restorable = can_resume(spec)
     if resume and not restorable:
         raise FileNotFoundError(f"--resume: no sweep to resume at {experiment_path(spec)}; run without --resume to start it")
+    ensure_ray(address)
     if restorable:
         print(f"resuming sweep {spec.name} from {experiment_path(spec)}", flush=True)
     tuner = restore_tuner(spec, trainable) if restorable else build_tuner(spec, trainable)

@@ -23,12 +23,14 @@ N = 3  # steps before and after the checkpoint
 
 
 def _cfg(tiny_sd_dir, demo_dataset):
-    # Warmup + cosine, random flips and accumulation put state in the scheduler, the numpy RNG
-    # and the data order, so a restore that misses any of them changes the second half.
+    # Warmup + cosine, random flips, caption dropout, accumulation and a trained text encoder put
+    # state in the scheduler, the numpy RNGs, the data order and the optimizer's second param
+    # group, so a restore that misses any of them changes the second half.
     return build_train_config(dict(
         base_model=str(tiny_sd_dir), dataset=str(demo_dataset), resolution=64, train_batch_size=2,
         gradient_accumulation_steps=2, max_train_steps=2 * N, learning_rate=1e-2, rank=4, alpha=2,
-        lr_scheduler="cosine", lr_warmup_steps=2, random_flip=True, center_crop=False, noise_offset=0.05,
+        lr_scheduler="cosine", lr_warmup_steps=2, random_flip=True, caption_dropout_rate=0.3, noise_offset=0.05,
+        train_text_encoder=True,
         seed=3,
     ))
 
@@ -38,7 +40,7 @@ def straight(tiny_sd_dir, demo_dataset):
     torch.set_num_threads(2)
     trainer = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset), device="cpu")
     history = trainer.train(2 * N)
-    return history, trainer.lora_state_dict()
+    return history, trainer.lora_state_dict(), trainer.text_encoder_lora_state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def halfway(tiny_sd_dir, demo_dataset, tmp_path_factory):
 
 
 def test_resume_reproduces_the_uninterrupted_run(straight, halfway, tiny_sd_dir, demo_dataset):
-    full_history, full_lora = straight
+    full_history, full_lora, full_te = straight
     first, folder = halfway
     # Disturb every global RNG that the restore must put back.
     torch.manual_seed(12345)
@@ -68,6 +70,8 @@ def test_resume_reproduces_the_uninterrupted_run(straight, halfway, tiny_sd_dir,
     assert lora.keys() == full_lora.keys()
     for key in lora:
         assert torch.allclose(lora[key], full_lora[key], rtol=0, atol=1e-6), key
+    te_lora = resumed.text_encoder_lora_state_dict()
+    assert te_lora and all(torch.allclose(te_lora[k], full_te[k], rtol=0, atol=1e-6) for k in te_lora)
 
 
 def test_checkpoint_folder_holds_no_pickle(halfway):

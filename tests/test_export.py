@@ -186,6 +186,7 @@ def test_export_scale_halves_the_lora(trained, kohya_full, tmp_path, tiny_sd_dir
         save_lora_kohya(trainer.models.unet, tmp_path / "nan.safetensors", scale=float("nan"))
 
 
+@pytest.mark.slow
 def test_conv_targets_export_4d_and_load(tiny_sd_dir, demo_dataset, tmp_path):
     torch.set_num_threads(2)
     trainer = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, target_modules="all", max_train_steps=2), device="cpu")
@@ -231,3 +232,21 @@ def test_fused_checkpoint_equals_lora_loaded(kohya_full, tmp_path, tiny_sd_dir, 
     comps = load_sd_components(single, config=tiny_sd_dir)
     from_file = sample_images(comps, PROMPTS, SEEDS, cfg.clip_skip, cfg.resolution, cfg.sampling)
     assert np.abs(from_file.astype(np.float32) / 255 - with_lora).max() < TOLERANCE
+
+
+def test_dataset_summary_for_imagefolder_and_dreambooth(tmp_path):
+    from trainer.kohya import dataset_summary
+
+    imf = tmp_path / "imf"
+    imf.mkdir()
+    rows = [{"file_name": "a.png", "text": "sks, dress, red"}, {"file_name": "b.png", "text": "sks, dress"}]
+    (imf / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dirs, tags = dataset_summary(imf)
+    assert dirs == {"imf": {"n_repeats": 1, "img_count": 2}}
+    assert tags == {"imf": {"dress": 2, "red": 1, "sks": 2}}
+    db = tmp_path / "db"
+    db.mkdir()
+    for name in ("x.png", "y.jpg"):
+        (db / name).write_bytes(b"")
+    dirs, tags = dataset_summary(db, default_caption="a photo of sks dog", num_repeats=5)
+    assert dirs == {"db": {"n_repeats": 5, "img_count": 2}} and tags == {"db": {"a photo of sks dog": 2}}

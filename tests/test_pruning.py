@@ -6,6 +6,7 @@ completion in the order the driver handled them. Replaying that log through the 
 plain Optuna (report, should_prune, tell) must prune the same trials at the same steps.
 """
 
+import importlib.util
 import json
 import math
 import sys
@@ -100,7 +101,9 @@ def _replay(spec, events) -> dict[str, int]:
     trials, done, pruned, last = {}, set(), {}, {}
     for ev in events:
         tid = ev["trial"]
-        trial = trials.setdefault(tid, study.ask())
+        if tid not in trials:  # trial numbers in order of first appearance (Hyperband hashes them)
+            trials[tid] = study.ask()
+        trial = trials[tid]
         if tid in done:
             continue
         if ev["kind"] == "result":
@@ -187,3 +190,63 @@ def test_pruner_options_checked_against_signature():
     data["pruner"] = {"type": "asha", "options": {"time_attr": "x", "grace_period": 100, "max_t": 50}}
     with pytest.raises(ValueError, match="pruner.options.time_attr: unknown option"):
         parse_spec(data, "t")
+    data["pruner"] = {"type": "asha", "options": {"grace_period": 100, "max_t": 50}}
+    with pytest.raises(ValueError, match="ASHAScheduler rejects .*grace_period must be <= max_t"):
+        parse_spec(data, "t")
+    data["pruner"] = {"type": "asha"}
+    data["train"] = {"resolution": 64, "max_train_epochs": 3}
+    with pytest.raises(ValueError, match="pruner.options.max_t: required with max_train_epochs"):
+        parse_spec(data, "t")
+
+
+@pytest.mark.parametrize("pruner", [
+    {"type": "median", "options": {"n_startup_trials": 2}},
+    {"type": "percentile", "options": {"percentile": 40.0, "n_startup_trials": 2}},
+    {"type": "successive_halving", "options": {"reduction_factor": 2}},
+    {"type": "hyperband", "options": {"reduction_factor": 2}},
+    pytest.param({"type": "wilcoxon", "options": {"p_threshold": 0.3, "n_startup_steps": 2}},
+                 marks=pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
+                                          reason="WilcoxonPruner needs scipy; test_wilcoxon_needs_scipy covers its absence")),
+], ids=lambda p: p["type"])
+def test_scheduler_decisions_match_optuna_alone_for_every_pruner(tmp_path, pruner):
+    """The scheduler driven through the calls Tune makes (interleaved trials, no Ray needed):
+    its STOP decisions equal the pruner's own decisions in a replay with plain Optuna."""
+    from types import SimpleNamespace
+
+    spec = _spec(pruner, num_trials=12)
+    limiter = make_search_alg(spec, tmp_path)
+    controller = SimpleNamespace(search_alg=limiter)  # what Tune hands a scheduler: its search_alg
+    sched = make_scheduler(spec)
+    ids = [f"t{i}" for i in range(12)]
+    configs = {t: limiter.searcher.suggest(t) for t in ids}
+    events, stopped, live = [], {}, list(ids)
+    while live:  # round-robin: every live trial reports its next step, as concurrent trials do
+        for tid in list(live):
+            step = STEPS[sum(1 for e in events if e["trial"] == tid and e["kind"] == "result")]
+            q = 1.0 - abs(math.log10(configs[tid]["learning_rate"]) + 2.5) / 2.0 + 0.02 * configs[tid]["rank"]
+            value = q * (1 - math.exp(-step / 25)) + 0.001 * (step % 20)  # wiggles for Wilcoxon
+            result = {"step": step, "clip_score": value, "training_iteration": step // 10}
+            decision = sched.on_trial_result(controller, SimpleNamespace(trial_id=tid), result)
+            if decision != "STOP":
+                limiter.searcher.on_trial_result(tid, result)
+            events.append({"kind": "result", "trial": tid, "step": step, "value": value})
+            if decision == "STOP" or step == STEPS[-1]:
+                stopped[tid] = step if decision == "STOP" else None
+                limiter.searcher.on_trial_complete(tid, result)  # (suggested past the limiter, above)
+                events.append({"kind": "complete", "trial": tid})
+                live.remove(tid)
+    got = {t: s for t, s in stopped.items() if s is not None}
+    assert got == _replay(spec, events)
+    assert load_pruned(tmp_path) == got
+    states = _study_states(tmp_path, spec.name)
+    assert {t for t, s in states.items() if s == TrialState.PRUNED} == set(got)
+
+
+def test_wilcoxon_needs_scipy():
+    data = _spec({"type": "none"}).model_dump()
+    data["pruner"] = {"type": "wilcoxon"}
+    if importlib.util.find_spec("scipy") is None:
+        with pytest.raises(ValueError, match="pruner.type: wilcoxon .*needs scipy"):
+            parse_spec(data, "t")
+    else:
+        assert isinstance(make_pruner(parse_spec(data, "t")), optuna.pruners.WilcoxonPruner)

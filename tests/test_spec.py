@@ -14,11 +14,39 @@ def _base(**over):
     return data
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")) + sorted(ROOT.glob("search*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_spec_loads(path):
-    spec = load_spec(path)
-    assert spec.searched(), f"{path.name} searches nothing"
-    spec.train_config({k: p.extremes()[0] for k, p in spec.searched().items()})
+SHIPPED = sorted(ROOT.glob("search*.yaml")) + sorted((ROOT / "examples").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_loads(path):
+    """Sweep specs (they have a `space`) through load_spec; the other shipped YAMLs through
+    their own loaders: prompt suites (examples/suites/) and `python -m trainer` configs."""
+    data = yaml.safe_load(path.read_text())
+    if "space" in data:
+        spec = load_spec(path)
+        assert spec.searched(), f"{path.name} searches nothing"
+        spec.train_config({k: p.extremes()[0] for k, p in spec.searched().items()})
+        assert spec.eval_prompts()[0], f"{path.name} has no eval prompts"
+    elif path.parent.name == "suites":
+        from evaluator.suites import load_suite
+
+        load_suite(path)
+    else:
+        from trainer.__main__ import read_run_config
+
+        read_run_config(str(path), [], None, None)
+
+
+def test_repo_root_search_yaml_is_the_thesis_sweep():
+    spec = load_spec(ROOT / "search.yaml")
+    assert spec.trigger_word == "nosnjaoutfit" and spec.eval.class_word == "outfit"
+    assert set(spec.searched()) >= {"learning_rate", "lr_scheduler", "lr_num_cycles", "train_batch_size", "clip_skip", "rank"}
+    assert spec.searched()["lr_num_cycles"].when == {"lr_scheduler": "cosine_with_restarts"}
+    assert spec.search.sampler == "tpe" and spec.pruner.type == "median"
+    assert spec.tracking.wandb.enabled and spec.tracking.wandb.mode == "offline"
+    assert not Path(spec.dataset).exists()  # validates without the data: prepare checks the dataset
+    kinds = {k for k in ("natural", "new_setting", "no_concept", "trigger_test") if spec.eval.suite.get(k)}
+    assert kinds == {"natural", "new_setting", "no_concept", "trigger_test"}
 
 
 def test_all_problems_reported_together_with_paths():
@@ -136,9 +164,9 @@ def test_search_section_checks():
 def test_objective_metrics_and_multi_objective():
     assert "objective.metric: unknown metric 'clipscore'; trials report clip_score" in _problems(objective={"metric": "clipscore"})
     two = [{"metric": "clip_score", "mode": "max"}, {"metric": "prior_preservation", "mode": "max"}]
-    spec = parse_spec(_base(objective=two, search={"sampler": "nsga2", "num_trials": 8}))
+    spec = parse_spec(_base(objective=two, search={"sampler": "nsga2", "num_trials": 8}, pruner={"type": "none"}))
     assert [o.metric for o in spec.objectives] == ["clip_score", "prior_preservation"]
-    assert "objective[1].metric: 'clip_score' is listed twice" in _problems(objective=[two[0], two[0]])
+    assert "objective[1].metric: 'clip_score' is listed twice" in _problems(objective=[two[0], two[0]], pruner={"type": "none"})
 
 
 def test_resources_fractions():
@@ -208,3 +236,19 @@ def test_describe_sweep_dry_run(tmp_path):
     assert half["gpu_hours"] == pytest.approx(one * 32 * 0.5)
     demo = describe_sweep(load_spec(ROOT / "examples" / "demo.yaml"))
     assert "0 GPU-hours" in demo and "tiny test model" in demo
+
+
+def test_section_errors_and_cross_checks_reported_together():
+    text = _problems(
+        search={"num_trials": 0},
+        objective={"metric": "nope"},
+        space={"rank": {"type": "choice", "values": [2, 4], "when": {"lr_scheduler": "bogus"}},
+               "learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-3}},
+        resources={"gpus_per_trial": 2.5},
+        pruner={"type": "median", "options": {"n_startup": 1}},
+    )
+    for expected in ("search.num_trials:", "objective.metric: unknown metric 'nope'",
+                     "space.rank.when.lr_scheduler: lr_scheduler is fixed to 'constant'",
+                     "resources.gpus_per_trial: 2.5 is fractional above 1",
+                     "pruner.options.n_startup: unknown option of optuna.pruners.MedianPruner"):
+        assert expected in text, text

@@ -1,5 +1,6 @@
 """A real sweep on local Ray with the tiny models: trains, samples, scores, exports the winner."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -24,9 +25,16 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     best = out_dir / "best.safetensors"
     info = json.loads((out_dir / "best.json").read_text())
     assert proc.stdout.strip().splitlines()[-1] == f"best LoRA: {best}"
+    # best.safetensors is the kohya layout that UIs load; export/ holds both layouts with their sha256.
     with safe_open(str(best), "pt") as f:
-        keys = list(f.keys())
-    assert keys and all(k.startswith("unet.") for k in keys)
+        keys, meta = list(f.keys()), f.metadata()
+    assert info["format"] == "kohya" and keys and all(k.startswith("lora_unet_") for k in keys)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_network_dim"] == str(info["params"]["rank"])
+    manifest = json.loads((out_dir / "export" / "manifest.json").read_text())
+    assert manifest["entries"][0]["trial_id"] == info["trial_id"]
+    assert manifest["sha256"]["best.safetensors"] == hashlib.sha256(best.read_bytes()).hexdigest()
+    with safe_open(str(out_dir / manifest["entries"][0]["files"]["diffusers"]), "pt") as f:
+        assert all(k.startswith("unet.") for k in f.keys())
     assert set(info["params"]) == {"learning_rate", "rank"}
     assert info["objective"]["metric"] == "clip_score" and info["objective"]["value"] >= 0
     # The table lists all three trials, and the winner has the table's best score.

@@ -102,7 +102,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = False) -> list[Path]:
     """Train (resuming from the latest checkpoint when asked), checkpoint, export; the files written."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.export import kohya_metadata, save_lora_diffusers, save_lora_kohya

@@ -112,8 +112,8 @@ class TrainConfig(BaseModel):
 
     # --- aspect-ratio bucketing -------------------------------------------------------------
     enable_bucket: bool = Field(False, description="kohya-style aspect-ratio buckets instead of square crops.")
-    min_bucket_reso: int = Field(256, ge=64, description="Smallest bucket side in pixels.")
-    max_bucket_reso: int = Field(1024, ge=64, description="Largest bucket side in pixels.")
+    min_bucket_reso: int = Field(256, ge=8, description="Smallest bucket side in pixels.")
+    max_bucket_reso: int = Field(1024, ge=8, description="Largest bucket side in pixels.")
     bucket_reso_steps: int = Field(64, ge=8, description="Bucket sides are multiples of this (pixels).")
 
     # --- schedule ---------------------------------------------------------------------------

@@ -140,8 +140,9 @@ def base_model_weights_file(base_model: str) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
-def _captions(folder: Path) -> list[str]:
-    """One caption per image in `folder` (.txt/.caption beside the image, else metadata.jsonl)."""
+def _captions(folder: Path, default: str | None) -> list[str]:
+    """One caption per image in `folder`: metadata.jsonl, else .txt/.caption beside the image,
+    else `default` (a DreamBooth instance prompt) or the kohya folder's class tokens."""
     meta = folder / "metadata.jsonl"
     if meta.is_file():
         rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -154,20 +155,23 @@ def _captions(folder: Path) -> list[str]:
                 break
         else:
             match = _KOHYA_DIR.match(folder.name)
-            out.append(match[2] if match else "")
+            out.append(default or (match[2] if match else ""))
     return out
 
 
-def dataset_summary(dataset: str | Path) -> tuple[dict, dict]:
+def dataset_summary(
+    dataset: str | Path, default_caption: str | None = None, num_repeats: int | None = None
+) -> tuple[dict, dict]:
     """kohya's `ss_dataset_dirs` ({dir: {n_repeats, img_count}}) and `ss_tag_frequency`
-    ({dir: {tag: images carrying it}}) for a kohya folder or an imagefolder + metadata.jsonl."""
+    ({dir: {tag: images carrying it}}) for a kohya folder, an imagefolder + metadata.jsonl or a
+    DreamBooth instance folder. `num_repeats` overrides the folders' `<repeats>_` prefixes."""
     root = Path(dataset)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and _KOHYA_DIR.match(d.name)) if root.is_dir() else []
     folders = [(d, int(_KOHYA_DIR.match(d.name)[1])) for d in subdirs] or ([(root, 1)] if root.is_dir() else [])
     dirs, tags = {}, {}
     for folder, repeats in folders:
-        captions = _captions(folder)
-        dirs[folder.name] = {"n_repeats": repeats, "img_count": len(captions)}
+        captions = _captions(folder, default_caption)
+        dirs[folder.name] = {"n_repeats": num_repeats or repeats, "img_count": len(captions)}
         counts = Counter(t.strip() for c in captions for t in set(c.split(",")) if t.strip())
         tags[folder.name] = dict(sorted(counts.items()))
     return dirs, tags
@@ -192,10 +196,10 @@ def kohya_metadata(cfg, **extra) -> dict[str, str]:
     from trainer.tiny import cache_root
 
     train_te = bool(getattr(cfg, "train_text_encoder", False))
-    te_lr = getattr(cfg, "text_encoder_lr", None) or getattr(cfg, "text_encoder_learning_rate", None) or cfg.learning_rate
+    te_lr = getattr(cfg, "te_lr", None) or cfg.learning_rate
     unet_lr = getattr(cfg, "unet_lr", None) or cfg.learning_rate
     dataset_dir = resolve_dataset(cfg.dataset, cache_root())
-    dirs, tags = dataset_summary(dataset_dir)
+    dirs, tags = dataset_summary(dataset_dir, getattr(cfg, "instance_prompt", None), getattr(cfg, "num_repeats", None))
     weights = base_model_weights_file(cfg.base_model)
     full_hash = file_sha256(weights) if weights else "unknown"
     output_name = str(extra.get("output_name", "lora"))

@@ -181,7 +181,7 @@ class LoraTrainer:
         sched = m.noise_scheduler
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=self.device)
         noisy = sched.add_noise(latents, noise, t)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        target = diffusion_target(sched, latents, noise, t)
         with self._autocast():
             pred = m.unet(noisy, t, cond).sample
         snr = compute_snr(sched, t) if cfg.snr_gamma is not None else None
@@ -344,6 +344,16 @@ def _check_device(cfg: TrainConfig, device: torch.device) -> None:
         raise TrainConfigError(f"mixed_precision: fp16 needs a CUDA device (this run is on {device}); use bf16 or no")
     if cfg.optimizer == "adamw8bit" and device.type != "cuda":
         raise TrainConfigError(f"optimizer: adamw8bit (bitsandbytes) needs a CUDA device (this run is on {device}); use adamw")
+
+
+def diffusion_target(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v_prediction)."""
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return sched.get_velocity(latents, noise, t)
+    raise ValueError(f"prediction_type {kind!r} is not trainable here; use epsilon or v_prediction")
 
 
 def per_sample_loss(pred, target, snr: torch.Tensor | None, gamma: float | None, prediction_type: str) -> torch.Tensor:

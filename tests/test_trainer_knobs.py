@@ -1,0 +1,160 @@
+"""The trainer's knobs on the tiny model: pure loss math, text-encoder LoRA, prior preservation,
+epochs, precision, attention, checkpointing, exact in-memory resume."""
+
+import copy
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from trainer.config import TrainConfigError, build_train_config
+from trainer.loop import LoraTrainer, diffusion_target, min_snr_loss, per_sample_loss
+
+SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def _cfg(tiny_sd_dir, dataset, tmp_path, **over):
+    values = dict(
+        base_model=str(tiny_sd_dir), dataset=str(dataset), resolution=64, train_batch_size=2,
+        max_train_steps=4, learning_rate=1e-3, rank=2, seed=0, cache_dir=str(tmp_path / "cache"),
+    )
+    values.update(over)
+    return build_train_config(values)
+
+
+# --- pure math ----------------------------------------------------------------------------------
+
+
+def test_min_snr_loss_matches_hand_computation():
+    pred = torch.tensor([[[[1.0]]], [[[3.0]]]])
+    target = torch.zeros_like(pred)
+    snr = torch.tensor([2.0, 10.0])
+    # per-sample MSE 1 and 9; epsilon weights min(snr, 5)/snr = 1 and 0.5
+    assert min_snr_loss(pred, target, snr, 5.0, "epsilon").item() == pytest.approx((1 * 1 + 9 * 0.5) / 2)
+    # v-prediction weights min(snr, 5)/(snr + 1) = 2/3 and 5/11
+    assert min_snr_loss(pred, target, snr, 5.0, "v_prediction").item() == pytest.approx((2 / 3 + 9 * 5 / 11) / 2)
+    assert torch.equal(per_sample_loss(pred, target, None, None, "epsilon"), torch.tensor([1.0, 9.0]))
+
+
+def test_v_prediction_target_is_scheduler_velocity():
+    sched = DDPMScheduler(**SD15, prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    got = diffusion_target(sched, x0, noise, t)
+    torch.testing.assert_close(got, sched.get_velocity(x0, noise, t))
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(got, abar.sqrt() * noise - (1 - abar).sqrt() * x0)  # Salimans & Ho 2022
+    eps = DDPMScheduler(**SD15, prediction_type="epsilon")
+    assert diffusion_target(eps, x0, noise, t) is noise
+    with pytest.raises(ValueError, match="sample"):
+        diffusion_target(DDPMScheduler(**SD15, prediction_type="sample"), x0, noise, t)
+
+
+# --- config combinations ------------------------------------------------------------------------
+
+
+def test_config_combinations_name_fields(tiny_sd_dir, demo_dataset, tmp_path):
+    with pytest.raises(TrainConfigError) as err:
+        _cfg(tiny_sd_dir, demo_dataset, tmp_path, with_prior_preservation=True, max_train_epochs=2,
+             optimizer="adamw8bit", center_crop=False, enable_bucket=True, min_bucket_reso=96)
+    text = str(err.value)
+    for needle in ("class_prompt: required", "class_data_dir: required", "max_train_epochs: set either",
+                   "optimizer: adamw8bit needs bitsandbytes", "pip install bitsandbytes",
+                   "cache_latents: random crops", "min_bucket_reso: 96 exceeds resolution"):
+        assert needle in text, text
+    with pytest.raises(TrainConfigError, match="mixed_precision: fp16 needs a CUDA device"):
+        LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, mixed_precision="fp16"), device="cpu")
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def _dog_data(tmp_path, n=2):
+    inst = tmp_path / "instance"
+    inst.mkdir()
+    for i in range(n):
+        im = Image.new("RGB", (64, 64), (30 * i, 90, 160))
+        im.paste((220, 200, 20), (10 + 8 * i, 10, 40 + 8 * i, 50))
+        im.save(inst / f"dog_{i}.png")
+    return inst
+
+
+def test_prior_preservation_text_encoder_and_exact_resume(tiny_sd_dir, tmp_path):
+    """DreamBooth + generated class images + text-encoder LoRA (own lr) + dropout + flips; 4 steps
+    in one go equal 2 steps, state_dict, a fresh trainer, load_state_dict, 2 steps."""
+    inst = _dog_data(tmp_path)
+    cfg = _cfg(tiny_sd_dir, inst, tmp_path, dataset_type="auto", instance_prompt="a photo of sks dog",
+               with_prior_preservation=True, class_prompt="a photo of a dog", class_data_dir=str(tmp_path / "class"),
+               num_class_images=2, train_text_encoder=True, text_encoder_lr=5e-4, caption_dropout_rate=0.5,
+               random_flip=True, sampling={"steps": 2})
+    a = LoraTrainer(cfg, device="cpu")
+    made = sorted(p.name for p in (tmp_path / "class").glob("*.png"))
+    assert made == ["class_00000.png", "class_00001.png"], "missing class images are generated and kept"
+    stamp = (tmp_path / "class" / made[0]).stat().st_mtime_ns
+    assert "default" in a.models.text_encoder.peft_config
+    assert [g["lr"] for g in a.optimizer.param_groups] == [1e-3, 5e-4]
+    te_before = a.text_encoder_lora_state_dict()
+    full = a.train()
+    assert len(full) == 4 and all(math.isfinite(h["loss"]) and "prior_loss" in h for h in full)
+    assert full[0]["lr_text_encoder"] == 5e-4
+    te_after = a.text_encoder_lora_state_dict()
+    assert any(not torch.equal(te_before[k], te_after[k]) for k in te_after if "lora_B" in k), "text-encoder LoRA trains"
+
+    b = LoraTrainer(cfg, device="cpu")
+    assert (tmp_path / "class" / made[0]).stat().st_mtime_ns == stamp, "class images are reused, not regenerated"
+    first = b.train(2)
+    state = copy.deepcopy(b.state_dict())
+    b.train(1)  # move on, then restore into a fresh trainer
+    c = LoraTrainer(cfg, device="cpu")
+    c.load_state_dict(state)
+    second = c.train(2)
+    assert [h["loss"] for h in first + second] == [h["loss"] for h in full]
+    for k, v in c.text_encoder_lora_state_dict().items():
+        torch.testing.assert_close(v, te_after[k], rtol=0, atol=0)
+
+
+def test_epochs_decide_length_and_checkpoint_interval(tiny_sd_dir, demo_dataset, tmp_path):
+    cfg = _cfg(tiny_sd_dir, demo_dataset, tmp_path, max_train_steps=1, num_repeats=1,
+               train_batch_size=4, gradient_accumulation_steps=2, checkpoint_interval=1)
+    cfg = build_train_config({**cfg.model_dump(exclude={"max_train_steps"}), "max_train_epochs": 1})
+    t = LoraTrainer(cfg, device="cpu")
+    # 12 demo images once each, batches of 4 -> 3 micro-batches per epoch, 2 per step -> 2 steps.
+    assert t.sampler.batches_per_epoch == 3 and t.cfg.max_train_steps == 2
+    saved = []
+    history = t.train(checkpoint_fn=lambda tr: saved.append(tr.global_step))
+    assert [h["step"] for h in history] == [1, 2] and history[-1]["epoch"] == 1
+    assert saved == [1, 2]
+
+
+def test_checkpointing_attention_and_bf16_keep_the_loss(tiny_sd_dir, demo_dataset, tmp_path):
+    base = dict(max_train_steps=2, train_batch_size=1)
+    ref = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, **base), device="cpu").train()
+    ckpt = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, gradient_checkpointing=True, attention="default",
+                            snr_gamma=5.0, **base), device="cpu")
+    assert ckpt.models.unet.is_gradient_checkpointing
+    ckpt_loss = ckpt.step()
+    plain = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, snr_gamma=5.0, **base), device="cpu").step()
+    assert ckpt_loss["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert ckpt_loss["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    bf16 = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, mixed_precision="bf16", **base), device="cpu").train()
+    assert all(math.isfinite(h["loss"]) for h in bf16)
+    assert bf16[0]["loss"] == pytest.approx(ref[0]["loss"], rel=0.1), "bf16 autocast stays near fp32"
+    v = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, prediction_type="v_prediction", noise_offset=0.1, **base),
+                    device="cpu")
+    assert v.models.noise_scheduler.config.prediction_type == "v_prediction"
+    assert math.isfinite(v.step()["loss"])
+
+
+def test_bucketed_training_runs(tiny_sd_dir, tmp_path):
+    sub = tmp_path / "data" / "2_sks thing"
+    sub.mkdir(parents=True)
+    for name, size in (("wide.png", (128, 64)), ("tall.png", (64, 128))):
+        Image.new("RGB", size, (200, 40, 40)).save(sub / name)
+    cfg = _cfg(tiny_sd_dir, tmp_path / "data", tmp_path, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
+               bucket_reso_steps=32, max_train_steps=2)
+    t = LoraTrainer(cfg, device="cpu")
+    assert sorted(set(t.data.target_sizes.values())) == [(32, 96), (96, 32)]
+    assert all(math.isfinite(h["loss"]) for h in t.train())
