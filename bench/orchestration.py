@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=max(2, math.ceil(args.concurrency * args.cpus_per_trial)), num_gpus=args.gpus,
+    # address="local": a fresh local cluster even when another one runs on this machine.
+    ray.init(address="local", num_cpus=max(2, math.ceil(args.concurrency * args.cpus_per_trial)), num_gpus=args.gpus,
              include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         tuner, spec = (lorasweep_tuner if args.mode == "lorasweep" else plain_tuner)(args, tmp)

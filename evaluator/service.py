@@ -52,6 +52,7 @@ class EvaluatorTimeout(EvaluatorError, TimeoutError):
 
 
 _NAMES: dict[str, str] = {}  # actor id -> replica name, for error messages in this process
+_OWNED: dict[str, ray.actor.ActorHandle] = {}  # non-detached replicas live while the driver does
 
 
 def _restart_hint(name: str) -> str:
@@ -138,6 +139,8 @@ def start_evaluator(name: str = DEFAULT_NAME, model: str = DEFAULT_MODEL,
                                          max_wait_ms, threads))
     infos = [_call(h, h.info.remote(), timeout_s, n) for (n, _), h in zip(placements, handles)]
     _NAMES.update({h._actor_id.hex(): n for (n, _), h in zip(placements, handles)})
+    if not detached:  # Ray ends a non-detached actor once no handle to it is left
+        _OWNED.update({n: h for (n, _), h in zip(placements, handles)})
     for info in infos:
         if (info["model"], info["pretrained"]) != (model, pretrained):
             raise EvaluatorError(
@@ -189,6 +192,7 @@ def stop_evaluator(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> int:
     _need_ray()
     names = _replica_names(name, namespace)
     for n in names:
+        _OWNED.pop(n, None)
         try:
             ray.kill(ray.get_actor(n, namespace=namespace), no_restart=True)
         except ValueError:

@@ -80,6 +80,7 @@ def can_resume(spec: SweepSpec) -> bool:
 
 def restore_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tuner:
     """The killed sweep, its searcher and Optuna study with it; finished and failed trials stay as they are."""
+    _close_orphaned_study_trials(spec)
     return tune.Tuner.restore(
         experiment_path(spec),
         trainable=make_trainable(spec, trainable),
@@ -87,6 +88,35 @@ def restore_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tu
         resume_errored=False,
         restart_errored=False,
     )
+
+
+def _close_orphaned_study_trials(spec: SweepSpec) -> list[int]:
+    """Mark FAIL the Optuna trials that a killed driver asked for after its last saved experiment state.
+
+    Tune restores the searcher as it was at that save; a trial suggested later exists in the study
+    journal (RUNNING) but in no Tune trial, so nothing would ever finish it and TPE's constant liar
+    would count it as running forever. Returns the numbers of the trials closed.
+    """
+    try:
+        from sweeps.search import RAY_TRIAL_ATTR, load_study
+    except ImportError:
+        return []
+    from optuna.trial import TrialState
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        study = load_study(Path(spec.output_dir) / "study", spec.name)
+    except KeyError:  # no study yet (killed before the first suggestion)
+        return []
+    known = {t.trial_id for t in ExperimentAnalysis(experiment_path(spec)).trials}
+    closed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        if t.state == TrialState.RUNNING and t.user_attrs.get(RAY_TRIAL_ATTR) not in known:
+            study.tell(t.number, state=TrialState.FAIL)
+            closed.append(t.number)
+    if closed:
+        print(f"study {spec.name}: trials {closed} were started by the killed driver but never ran; marked FAIL", flush=True)
+    return closed
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,

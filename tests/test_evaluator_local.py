@@ -164,6 +164,7 @@ def test_cli_scores_a_suite_folder(tmp_path, capsys):
     assert "trigger_effect" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and open_clip: ~5-15 s here
 def test_cli_entry_point_errors_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "p.txt").write_text("x\n")

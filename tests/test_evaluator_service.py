@@ -160,6 +160,7 @@ def test_timeout_says_what_to_do(service):
     assert score_remote(service, images[:2], caps[:2])["per_image"]  # still serving
 
 
+@pytest.mark.slow  # starts and kills a second service
 def test_dead_or_missing_service_says_how_to_restart(ray_session):
     handle = start_evaluator("doomed", TINY_CLIP_ID, None, replicas=1, num_cpus=0.25,
                              max_restarts=0, detached=False)

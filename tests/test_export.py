@@ -98,7 +98,8 @@ def _render_loaded(tiny_sd_dir, cfg, lora_path=None, adapter_weight=None, base=N
 
 def test_kohya_file_keys_shapes_alpha_and_metadata(trained, tmp_path, tiny_sd_dir):
     trainer, te = trained
-    meta = kohya_metadata(trainer.cfg, steps=trainer.global_step, output_name="circles")
+    meta = kohya_metadata(trainer.cfg, steps=trainer.global_step, output_name="circles", lorasweep_trial="t1",
+                          epoch=3, ss_training_comment={"a": 1})
     path = save_lora_kohya(trainer.models.unet, tmp_path / "circles.safetensors", text_encoder=te, metadata=meta)
     tensors = load_file(str(path))
     unet_sd = get_peft_model_state_dict(trainer.models.unet)
@@ -128,6 +129,8 @@ def test_kohya_file_keys_shapes_alpha_and_metadata(trained, tmp_path, tiny_sd_di
     assert stored["ss_output_name"] == "circles" == stored["modelspec.title"]
     assert stored["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert stored["modelspec.resolution"] == "64x64"
+    assert stored["lorasweep_trial"] == "t1" and stored["ss_epoch"] == "3"
+    assert json.loads(stored["ss_training_comment"]) == {"a": 1}
     unet_file = tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors"
     assert stored["ss_sd_model_hash"] == hashlib.sha256(unet_file.read_bytes()).hexdigest()[:10]
     tags = json.loads(stored["ss_tag_frequency"])

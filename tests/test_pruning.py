@@ -58,7 +58,8 @@ class EventLog(tune.Callback):
 def local_ray():
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": our own cluster even when another one runs on this machine.
+        ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()

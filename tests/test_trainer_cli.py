@@ -97,3 +97,15 @@ def test_missing_dataset_exits_2_naming_dataset(tmp_path):
     proc = _run("--config", str(EXAMPLE), "--set", f"dataset={tmp_path / 'nowhere'}", "--output", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "dataset:" in proc.stderr and "nowhere" in proc.stderr
+
+
+def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
+    from trainer.__main__ import latest_checkpoint
+
+    for step, complete in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / f"step-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-10"
+    assert latest_checkpoint(tmp_path / "none") is None

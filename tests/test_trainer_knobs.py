@@ -82,6 +82,7 @@ def _dog_data(tmp_path, n=2):
     return inst
 
 
+@pytest.mark.slow
 def test_prior_preservation_text_encoder_and_exact_resume(tiny_sd_dir, tmp_path):
     """DreamBooth + generated class images + text-encoder LoRA (own lr) + dropout + flips; 4 steps
     in one go equal 2 steps, state_dict, a fresh trainer, load_state_dict, 2 steps."""
@@ -129,6 +130,7 @@ def test_epochs_decide_length_and_checkpoint_interval(tiny_sd_dir, demo_dataset,
     assert saved == [1, 2]
 
 
+@pytest.mark.slow
 def test_checkpointing_attention_and_bf16_keep_the_loss(tiny_sd_dir, demo_dataset, tmp_path):
     base = dict(max_train_steps=2, train_batch_size=1)
     ref = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, **base), device="cpu").train()

@@ -31,6 +31,9 @@ ADAPTER = "default"
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
 _KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
+KEPT_PREFIXES = ("ss_", "modelspec.", "lorasweep_")  # extra metadata keys not renamed to ss_<key>
+# kohya records the optimizer's class path.
+_OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
 _IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -185,12 +188,29 @@ def _string(value) -> str:
     return str(value)
 
 
+def modelspec(cfg, title: str) -> dict[str, str]:
+    """The Stability AI model-spec block (`modelspec.*`) that UIs read to classify the file."""
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "modelspec.prediction_type": "v" if cfg.prediction_type == "v_prediction" else "epsilon",
+    }
+    if cfg.trigger_word:
+        spec["modelspec.trigger_phrase"] = cfg.trigger_word
+    return spec
+
+
 def kohya_metadata(cfg, **extra) -> dict[str, str]:
     """kohya `ss_*` metadata and a modelspec block for a LoRA trained with `cfg` (a TrainConfig).
 
     `extra` adds or overrides keys: `steps=1200` becomes `ss_steps`, `output_name="x"` sets
-    `ss_output_name` and the modelspec title; keys already starting with `ss_` or `modelspec.`
-    are kept as given. Dicts and lists become JSON. Every value is a string, as safetensors needs.
+    `ss_output_name` and the modelspec title; keys already starting with `ss_`, `modelspec.` or
+    `lorasweep_` are kept as given. Dicts and lists become JSON. Every value is a string, as
+    safetensors needs.
     """
     from trainer.data import resolve_dataset
     from trainer.tiny import cache_root
@@ -225,7 +245,7 @@ def kohya_metadata(cfg, **extra) -> dict[str, str]:
         "ss_steps": cfg.max_train_steps,
         "ss_batch_size_per_device": cfg.train_batch_size,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "ss_optimizer": getattr(cfg, "optimizer", "AdamW"),
+        "ss_optimizer": _OPTIMIZER_NAMES.get(getattr(cfg, "optimizer", "adamw"), getattr(cfg, "optimizer", "")),
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_noise_offset": cfg.noise_offset,
         "ss_min_snr_gamma": cfg.snr_gamma,
@@ -240,16 +260,8 @@ def kohya_metadata(cfg, **extra) -> dict[str, str]:
         "ss_new_sd_model_hash": full_hash,
         "ss_output_name": output_name,
         "ss_training_finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": output_name,
-        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "modelspec.prediction_type": "v" if cfg.prediction_type == "v_prediction" else "epsilon",
+        **modelspec(cfg, output_name),
     }
-    if cfg.trigger_word:
-        meta["modelspec.trigger_phrase"] = cfg.trigger_word
     for key, value in extra.items():
-        meta[key if key.startswith(("ss_", "modelspec.")) else f"ss_{key}"] = value
+        meta[key if key.startswith(KEPT_PREFIXES) else f"ss_{key}"] = value
     return {k: _string(v) for k, v in meta.items()}
