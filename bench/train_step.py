@@ -6,7 +6,7 @@
 Same config, same seed, same trainer code otherwise. Each (mode, repeat) runs in its own process
 (for its own peak RSS); modes alternate per repeat so machine noise hits both alike.
 
-    .venv/bin/python bench/train_step.py [--resolution 128] [--batch 4] [--steps 6] [--repeats 3]
+    .venv/bin/python bench/train_step.py [--model tiny|sd15-quarter|sd15-half] [--resolution 128] [--batch 4] [--steps 6] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,6 +28,35 @@ MODES = {"cached": dict(cache_latents=True, cache_text_embeddings=True),
          "per_step": dict(cache_latents=False, cache_text_embeddings=False)}
 
 
+def sd15_shaped_components(divisor: int):
+    """The tiny model's tokenizer, text encoder and scheduler with a VAE and UNet shaped like
+    SD 1.5's at 1/divisor of its channel widths (random weights, seeded): keeps SD 1.5's
+    VAE-encoder / UNet cost ratio, which the tiny model (a very small VAE) does not."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from trainer.model_loading import load_sd_components
+    from trainer.tiny import ensure_tiny_sd
+
+    comps = load_sd_components(str(ensure_tiny_sd()))
+    torch.manual_seed(0)
+    comps.vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=tuple(c // divisor for c in (128, 256, 512, 512)), layers_per_block=2, latent_channels=4,
+        norm_num_groups=32,
+    )
+    comps.unet = UNet2DConditionModel(
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=tuple(c // divisor for c in (320, 640, 1280, 1280)), layers_per_block=2, norm_num_groups=16,
+        cross_attention_dim=comps.text_encoder.config.hidden_size, attention_head_dim=8,
+    )
+    for m in (comps.vae, comps.unet):
+        m.eval()
+        m.requires_grad_(False)
+    return comps
+
+
 def run_child(args) -> dict:
     """One mode: set up (caches built outside the timing), warm up, time `steps` steps."""
     import torch
@@ -43,22 +72,26 @@ def run_child(args) -> dict:
         train_batch_size=args.batch, max_train_steps=args.warmup + args.steps, learning_rate=1e-4,
         seed=0, cache_dir=args.cache_dir, **MODES[args.mode],
     ))
+    comps = {"tiny": None, "sd15-quarter": 4, "sd15-half": 2}[args.model]
+    comps = sd15_shaped_components(comps) if comps else None
     if args.mode == "cached":
-        build_caches(cfg, device="cpu")  # once per sweep, before trials: not part of a step
-    trainer = LoraTrainer(cfg)
+        build_caches(cfg, components=comps, device="cpu")  # once per sweep, before trials: not part of a step
+    trainer = LoraTrainer(cfg, components=comps)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train(args.warmup)
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "mode": args.mode,
         "step_s": times,
+        "step_cpu_s": cpu_times,  # CPU seconds of this process: robust to other load on a shared machine
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
@@ -72,6 +105,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", choices=["tiny", "sd15-quarter", "sd15-half"], default="tiny",
+                   help="tiny: builtin:tiny-sd; sd15-quarter/-half: SD 1.5-shaped VAE + UNet at 1/4 or 1/2 "
+                   "channel width (random weights)")
     p.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -83,22 +119,27 @@ def main() -> None:
         for r in range(args.repeats):
             for mode in MODES:
                 cmd = [sys.executable, __file__, "--mode", mode, "--cache-dir", cache_dir] + [
-                    f"--{k}={getattr(args, k)}" for k in ("resolution", "batch", "steps", "warmup", "threads")]
+                    f"--{k}={getattr(args, k)}" for k in ("resolution", "batch", "steps", "warmup", "threads", "model")]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
                 results[mode].append(json.loads(out.strip().splitlines()[-1]))
-                print(f"repeat {r} {mode}: median step {statistics.median(results[mode][-1]['step_s']):.3f} s", flush=True)
+                last = results[mode][-1]
+                print(f"repeat {r} {mode}: median step wall {statistics.median(last['step_s']):.3f} s, "
+                      f"CPU {statistics.median(last['step_cpu_s']):.3f} s", flush=True)
     report(results, args)
 
 
 def report(results: dict[str, list[dict]], args) -> None:
     med = {m: statistics.median(statistics.median(x["step_s"]) for x in runs) for m, runs in results.items()}
+    cpu = {m: statistics.median(statistics.median(x["step_cpu_s"]) for x in runs) for m, runs in results.items()}
     rss = {m: max(x["peak_rss_mib"] for x in runs) for m, runs in results.items()}
-    print(f"resolution {args.resolution}px, batch {args.batch}, {args.steps} timed steps x {args.repeats} repeats per mode")
+    print(f"model {args.model}, resolution {args.resolution}px, batch {args.batch}, {args.steps} timed steps x {args.repeats} repeats per mode")
     for m in MODES:
         cuda = results[m][0]["cuda_peak_mib"]
         extra = f", CUDA peak {cuda:.0f} MiB" if cuda is not None else ""
-        print(f"  {m:9s} median step {med[m] * 1000:8.1f} ms   peak RSS {rss[m]:7.0f} MiB{extra}")
-    print(f"  ratio cached / per_step = {med['cached'] / med['per_step']:.3f} (target <= 0.7)")
+        print(f"  {m:9s} median step wall {med[m] * 1000:8.1f} ms  CPU {cpu[m] * 1000:8.1f} ms  peak RSS {rss[m]:7.0f} MiB{extra}")
+    print(f"  ratio cached / per_step: wall {med['cached'] / med['per_step']:.3f}, "
+          f"CPU time {cpu['cached'] / cpu['per_step']:.3f} (target <= 0.7)")
+    print(json.dumps({"wall_s": med, "cpu_s": cpu, "peak_rss_mib": rss}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from evaluator.tiny import TINY_CLIP_ID, ensure_tiny_clip
 from sweeps.spec import SpecError, SweepSpec
+from trainer.cache import build_caches
 from trainer.data import DatasetError, resolve_dataset
 from trainer.datasets import load_train_data
 from trainer.tiny import TINY_SD_FILE_ID, TINY_SD_ID, cache_root, ensure_tiny_sd, ensure_tiny_sd_single_file
@@ -40,11 +41,7 @@ def prepare_sweep(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
 
 
 def build_dataset_caches(spec: SweepSpec) -> None:
-    """Latents and text embeddings, once per sweep before the first trial (when trainer.cache provides them)."""
-    try:
-        from trainer.cache import build_caches
-    except ImportError:
-        return
+    """Latents and text embeddings (and class images), once per sweep before the first trial."""
     from sweeps.trainable import _quiet_libraries
 
     _quiet_libraries()

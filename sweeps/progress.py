@@ -44,7 +44,9 @@ def _last_error_line(trial) -> str:
             lines = [ln.strip() for ln in f if ln.strip()]
     except (OSError, TypeError):
         return "see the trial's error.txt"
-    return lines[-1][:300] if lines else "see the trial's error.txt"
+    own = [ln for ln in lines if "TrialFailed:" in ln]  # our one-line reason, when the trial gave one
+    line = own[-1].split("TrialFailed:", 1)[1].strip() if own else (lines[-1] if lines else "see the trial's error.txt")
+    return line[:300]
 
 
 def _fmt(value) -> str:

@@ -90,10 +90,8 @@ def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures
 
 def _pruned_trials(spec: SweepSpec, experiment: str) -> set[str]:
     """Trial ids that the pruning scheduler stopped, from its record when sweeps.pruning keeps one."""
-    try:
-        from sweeps.search import load_pruned
-    except ImportError:
-        return set()
+    from sweeps.search import load_pruned
+
     return set(load_pruned(Path(spec.output_dir) / "study"))
 
 

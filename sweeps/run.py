@@ -45,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe(spec) -> str:
-    try:
-        from sweeps.dry_run import describe_sweep
-    except ImportError:  # until sweeps.dry_run lands
-        return spec.model_dump_json(indent=2)
+    from sweeps.dry_run import describe_sweep
+
     return describe_sweep(spec)
 
 

@@ -21,6 +21,7 @@ from ray import tune
 from sweeps import storage
 from sweeps.results import FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.spec import SweepSpec, parse_spec
+from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfigError
 from trainer.loop import LoraTrainer, TrainingDiverged
 
@@ -71,6 +72,7 @@ def train_trial(params: dict, spec_data: dict, run_info: dict) -> None:
 
 
 def _fail(record: str, reason: str, params: dict) -> None:
+    reason = " ".join(reason.split())  # one line: it goes into tables and progress lines
     storage.write_text(record, json.dumps({"reason": reason, "params": params}, indent=2, default=str))
     raise TrialFailed(reason)
 
@@ -125,62 +127,12 @@ def save_loras(trainer: LoraTrainer, spec: SweepSpec, params: dict, folder: Path
 
 
 def save_trainer_state(trainer: LoraTrainer, folder: Path) -> None:
-    try:
-        from trainer.checkpoint import save_checkpoint
-    except ImportError:  # until trainer.checkpoint lands: the same content, safetensors + JSON
-        _save_state_tree(trainer.state_dict(), folder)
-        return
+    """The trainer's exact state (safetensors + JSON, atomic) beside the checkpoint's other files."""
     save_checkpoint(trainer, folder)
 
 
 def load_trainer_state(trainer: LoraTrainer, folder: Path) -> None:
-    try:
-        from trainer.checkpoint import load_checkpoint
-    except ImportError:
-        trainer.load_state_dict(_load_state_tree(folder))
-        return
     load_checkpoint(trainer, folder)
-
-
-def _save_state_tree(state: dict, folder: Path) -> None:
-    """Tensors into one safetensors file, the structure into JSON: nothing is pickled."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-
-    def pack(obj):
-        if isinstance(obj, torch.Tensor):
-            key = f"t{len(tensors)}"
-            tensors[key] = obj.detach().cpu().contiguous()
-            return {"__tensor__": key}
-        if isinstance(obj, dict):  # keys may be ints (optimizer param ids): keep their type
-            return {"__dict__": [[pack(k), pack(v)] for k, v in obj.items()]}
-        if isinstance(obj, (list, tuple)):
-            return {"__list__": [pack(v) for v in obj], "tuple": isinstance(obj, tuple)}
-        return obj
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tree = pack(state)
-    save_file(tensors, str(folder / "state.safetensors"))
-    (folder / "state.json").write_text(json.dumps(tree))
-
-
-def _load_state_tree(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / "state.safetensors"))
-
-    def unpack(obj):
-        if isinstance(obj, dict) and "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if isinstance(obj, dict) and "__dict__" in obj:
-            return {unpack(k): unpack(v) for k, v in obj["__dict__"]}
-        if isinstance(obj, dict) and "__list__" in obj:
-            items = [unpack(v) for v in obj["__list__"]]
-            return tuple(items) if obj["tuple"] else items
-        return obj
-
-    return unpack(json.loads((folder / "state.json").read_text()))
 
 
 def make_scorer(spec: SweepSpec, evaluator_name: str | None) -> Scorer:

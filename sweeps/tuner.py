@@ -6,25 +6,22 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import optuna
 import ray
 from ray import tune
 
 from sweeps import storage
 from sweeps.progress import ProgressPrinter
 from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
-from sweeps.spec import ParamSpace, SweepSpec
+from sweeps.pruning import make_scheduler
+from sweeps.search import RAY_TRIAL_ATTR, load_study, make_search_alg
+from sweeps.spec import SweepSpec
 from sweeps.trainable import train_trial
 
 FORWARDED_ENV = ("LORASWEEP_CACHE", "HF_HUB_OFFLINE", "WANDB_MODE")
 
 
-def evaluator_name(spec: SweepSpec) -> str | None:
-    """The shared evaluator actor of this sweep, or None while evaluator.service is not available."""
-    try:
-        import evaluator.service  # noqa: F401
-    except ImportError:
-        return None
+def evaluator_name(spec: SweepSpec) -> str:
+    """The shared evaluator actor of this sweep (replicas are named after it)."""
     return f"lorasweep-evaluator-{spec.name}"
 
 
@@ -44,7 +41,7 @@ def build_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tune
     return tune.Tuner(
         make_trainable(spec, trainable),
         tune_config=tune.TuneConfig(
-            search_alg=make_search_alg(spec),
+            search_alg=make_search_alg(spec, Path(spec.output_dir) / "study"),
             scheduler=make_scheduler(spec),
             num_samples=spec.search.num_trials,
             metric=metric,
@@ -97,10 +94,6 @@ def _close_orphaned_study_trials(spec: SweepSpec) -> list[int]:
     journal (RUNNING) but in no Tune trial, so nothing would ever finish it and TPE's constant liar
     would count it as running forever. Returns the numbers of the trials closed.
     """
-    try:
-        from sweeps.search import RAY_TRIAL_ATTR, load_study
-    except ImportError:
-        return []
     from optuna.trial import TrialState
     from ray.tune import ExperimentAnalysis
 
@@ -144,12 +137,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
 
 
 def _start_evaluator(spec: SweepSpec):
-    """One evaluator actor for the whole sweep: one CLIP model copy serves every trial."""
-    name = evaluator_name(spec)
-    if name is None:
-        return None
+    """One evaluator actor per node for the whole sweep: one CLIP model copy serves the node's trials."""
     from evaluator.service import start_evaluator
 
+    name = evaluator_name(spec)
     # No CPU reserved: it computes in short bursts between trainings, and a held CPU would idle
     # most of the time (on a small machine it would hold back a trial).
     return start_evaluator(name=name, model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
@@ -165,43 +156,5 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, num_gpus: int |
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
-
-
-# --- search and scheduling: sweeps.search / sweeps.pruning when present ------------------------
-def make_search_alg(spec: SweepSpec):
-    study_dir = Path(spec.output_dir) / "study"
-    try:
-        from sweeps.search import make_search_alg as s1_make_search_alg
-    except ImportError:
-        return _fallback_searcher(spec)
-    return s1_make_search_alg(spec, study_dir)
-
-
-def make_scheduler(spec: SweepSpec):
-    try:
-        from sweeps.pruning import make_scheduler as s1_make_scheduler
-    except ImportError:
-        return None
-    return s1_make_scheduler(spec)
-
-
-def _fallback_searcher(spec: SweepSpec):
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    space = {name: _distribution(p) for name, p in spec.searched().items()}
-    sampler = (optuna.samplers.RandomSampler(seed=spec.search.seed) if spec.search.sampler == "random"
-               else optuna.samplers.TPESampler(seed=spec.search.seed, multivariate=True, constant_liar=True))
-    searcher = OptunaSearch(space=space, metric=spec.primary.metric, mode=spec.primary.mode, sampler=sampler)
-    return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
-
-
-def _distribution(param: ParamSpace) -> optuna.distributions.BaseDistribution:
-    if param.type == "loguniform":
-        return optuna.distributions.FloatDistribution(param.low, param.high, log=True)
-    if param.type == "uniform":
-        return optuna.distributions.FloatDistribution(param.low, param.high)
-    if param.type == "int":
-        return optuna.distributions.IntDistribution(int(param.low), int(param.high), log=param.log)
-    return optuna.distributions.CategoricalDistribution(param.values)
+        # "local": a new Ray of our own, never whatever cluster this machine last started (ray.init()'s default).
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)

@@ -79,3 +79,12 @@ def test_config_errors_name_fields(tiny_sd_dir, demo_dataset):
         build_train_config(dict(base_model="x", dataset="y", rank=0, learning_rate=-1, bogus=1))
     text = str(err.value)
     assert "rank:" in text and "learning_rate:" in text and "bogus: unknown key" in text
+
+
+def test_evaluate_renders_validation_prompts_at_their_seeds(trained):
+    trainer, *_ = trained
+    sampling = trainer.cfg.sampling.model_copy(update={"prompts": ["lswsks, a red circle", "a blue square"], "seeds": [0, 7]})
+    trainer.cfg = trainer.cfg.model_copy(update={"sampling": sampling})
+    images = trainer.evaluate()
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[1], trainer.sample(["a blue square"], [7])[0])

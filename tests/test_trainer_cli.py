@@ -93,10 +93,13 @@ def test_unreadable_config_and_bad_set_are_reported(tmp_path):
     assert any(p.startswith("rank:") for p in err.value.problems)
 
 
-def test_missing_dataset_exits_2_naming_dataset(tmp_path):
-    proc = _run("--config", str(EXAMPLE), "--set", f"dataset={tmp_path / 'nowhere'}", "--output", str(tmp_path / "o"))
+def test_missing_dataset_and_model_exit_2_naming_both(tmp_path):
+    proc = _run("--config", str(EXAMPLE), "--set", f"dataset={tmp_path / 'nowhere'}",
+                "--set", f"base_model={tmp_path / 'missing.safetensors'}", "--output", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "dataset:" in proc.stderr and "nowhere" in proc.stderr
+    assert "base_model:" in proc.stderr and "missing.safetensors" in proc.stderr
+    assert not (tmp_path / "o").exists(), "nothing is written before the config is known to be good"
 
 
 def test_resume_picks_the_latest_complete_checkpoint(tmp_path):

@@ -160,3 +160,24 @@ def test_bucketed_training_runs(tiny_sd_dir, tmp_path):
     t = LoraTrainer(cfg, device="cpu")
     assert sorted(set(t.data.target_sizes.values())) == [(32, 96), (96, 32)]
     assert all(math.isfinite(h["loss"]) for h in t.train())
+
+
+def test_caption_dropout_is_seeded_and_has_its_rate(tiny_sd_dir, demo_dataset, tmp_path, monkeypatch):
+    t = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, caption_dropout_rate=0.25, cache_latents=False), device="cpu")
+    seen = []
+    monkeypatch.setattr(t, "_latents", lambda examples, flips: None)  # only the captions matter here
+    monkeypatch.setattr(t, "_cond", lambda captions: seen.append(captions))
+    state = copy.deepcopy(t.caption_rng.bit_generator.state)
+    batch = t.data.examples[:8]
+    for _ in range(50):
+        t._inputs(batch, dropout=True)
+    first = [c for caps in seen for c in caps]
+    assert 0.15 < first.count("") / len(first) < 0.35
+    seen.clear()
+    t.caption_rng.bit_generator.state = state
+    for _ in range(50):
+        t._inputs(batch, dropout=True)
+    assert [c for caps in seen for c in caps] == first, "the dropout RNG state decides the captions"
+    seen.clear()
+    t._inputs(batch, dropout=False)
+    assert "" not in seen[0], "class captions (prior preservation) are never dropped"

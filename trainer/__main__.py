@@ -93,6 +93,25 @@ def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str
     return cfg, options
 
 
+def check_paths(cfg: TrainConfig) -> list[str]:
+    """Problems with the dataset and base model paths, found without loading any model."""
+    from trainer.data import DatasetError, resolve_dataset
+    from trainer.datasets import detect_dataset_type
+    from trainer.model_loading import BaseModelError, resolve_base_model
+    from trainer.tiny import cache_root
+
+    problems = []
+    try:
+        detect_dataset_type(resolve_dataset(cfg.dataset, cache_root()))
+    except DatasetError as err:
+        problems.append(f"dataset: {err}")
+    try:
+        resolve_base_model(cfg.base_model)
+    except BaseModelError as err:
+        problems.append(f"base_model: {err}")
+    return problems
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     from trainer.checkpoint import META_FILE
 
@@ -151,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg, options = read_run_config(args.config, args.set, args.output, args.format)
+        problems = check_paths(cfg)
+        if problems:
+            raise ConfigProblems(problems)
     except ConfigProblems as err:
         print(f"invalid config {args.config}:", file=sys.stderr)
         for line in err.problems:

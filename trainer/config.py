@@ -206,7 +206,7 @@ class TrainConfig(BaseModel):
         if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
             problems.append("optimizer: adamw8bit needs bitsandbytes (CUDA only): `pip install bitsandbytes`, or use adamw")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one line per field; format_validation_error splits them
         return self
 
     def _bucket_problems(self) -> list[str]:
@@ -235,8 +235,8 @@ class TrainConfig(BaseModel):
 def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
     """One line per problem, each naming its dotted path (`train.rank: ...`).
 
-    Cross-field problems are raised by the model validator as one '; '-joined message whose parts
-    start with their field name: they are split back into one line each, under that field's path.
+    Cross-field problems are raised by a model validator as one message of lines that each start
+    with their field name: they are split back into one line each, under that field's path.
     """
     lines = []
     for e in err.errors():
@@ -246,7 +246,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]
             msg = "unknown key; remove it or check its spelling"
         if e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-            for part in msg.split("; "):
+            for part in msg.split("\n"):
                 field, sep, rest = part.partition(": ")
                 sub = ".".join(p for p in (loc, field) if p) if sep and " " not in field else loc
                 path = ".".join(p for p in (prefix, sub) if p)
