@@ -68,7 +68,7 @@ def run_child(args) -> dict:
     from trainer.tiny import ensure_tiny_sd
 
     cfg = build_train_config(dict(
-        base_model=str(ensure_tiny_sd()), dataset="builtin:demo", resolution=args.resolution,
+        base_model=args.base_model or str(ensure_tiny_sd()), dataset="builtin:demo", resolution=args.resolution,
         train_batch_size=args.batch, max_train_steps=args.warmup + args.steps, learning_rate=1e-4,
         seed=0, cache_dir=args.cache_dir, **MODES[args.mode],
     ))
@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--model", choices=["tiny", "sd15-quarter", "sd15-half"], default="tiny",
                    help="tiny: builtin:tiny-sd; sd15-quarter/-half: SD 1.5-shaped VAE + UNet at 1/4 or 1/2 "
                    "channel width (random weights)")
+    p.add_argument("--base-model", default=None,
+                   help="a real SD 1.x model (folder, .safetensors, hub id) instead of the tiny one; use with --model tiny")
     p.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -119,7 +121,8 @@ def main() -> None:
         for r in range(args.repeats):
             for mode in MODES:
                 cmd = [sys.executable, __file__, "--mode", mode, "--cache-dir", cache_dir] + [
-                    f"--{k}={getattr(args, k)}" for k in ("resolution", "batch", "steps", "warmup", "threads", "model")]
+                    f"--{k}={getattr(args, k)}" for k in ("resolution", "batch", "steps", "warmup", "threads", "model")] + (
+                    [f"--base-model={args.base_model}"] if args.base_model else [])
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
                 results[mode].append(json.loads(out.strip().splitlines()[-1]))
                 last = results[mode][-1]

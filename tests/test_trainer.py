@@ -87,4 +87,6 @@ def test_evaluate_renders_validation_prompts_at_their_seeds(trained):
     trainer.cfg = trainer.cfg.model_copy(update={"sampling": sampling})
     images = trainer.evaluate()
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(images[1], trainer.sample(["a blue square"], [7])[0])
+    alone = trainer.sample(["a blue square"], [7])[0]
+    # Batched vs alone differs by float rounding only (at most one uint8 level).
+    assert np.abs(images[1].astype(int) - alone.astype(int)).max() <= 1
