@@ -1,0 +1,260 @@
+"""Checks of a SweepSpec that span fields and sections (conditions, search, pruner, eval).
+
+Each returns `path: message` lines; `sweeps.spec.parse_spec` gathers them all before Ray starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from sweeps.spec import (
+    ASHA_RESERVED,
+    KNOWN_METRICS,
+    OPTUNA_PRUNERS,
+    EvalSpec,
+    ObjectiveSpec,
+    ParamSpace,
+    PrunerSpec,
+    ResourcesSpec,
+    SearchSpec,
+    SweepSpec,
+    pruner_options,
+    search_order,
+)
+from trainer.config import TrainConfig, TrainConfigError, format_validation_error
+
+def space_problems(spec: SweepSpec) -> list[str]:
+    problems = []
+    fields = set(TrainConfig.model_fields)
+    for name, raw in spec.space.items():
+        if name not in fields:
+            problems.append(f"space.{name}: not a training field; searchable fields are {', '.join(sorted(fields))}")
+            continue
+        if not isinstance(raw, dict):
+            continue
+        try:
+            param = ParamSpace(**raw)
+        except ValidationError as err:
+            problems += format_validation_error(err, f"space.{name}")
+            continue
+        problems += [f"space.{name}.{p}" for p in param.problems()]
+        for value in param.extremes():
+            try:
+                spec.train_config({name: value})
+            except TrainConfigError as err:
+                lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip().startswith(f"{name}:")]
+                problems += [f"space.{name}: value {value!r} is invalid ({ln.split(':', 1)[1].strip()})" for ln in lines]
+    return problems
+
+
+def train_problems(spec: SweepSpec) -> list[str]:
+    """Fixed values checked with each searched field at its first extreme."""
+    sample = {k: p.extremes()[0] for k, p in _valid_params(spec).items()}
+    try:
+        spec.train_config(sample)
+    except TrainConfigError as err:
+        return [
+            f"train.{ln.strip()}" for ln in str(err).splitlines()[1:] if ln.strip().split(":")[0].split(".")[0] not in sample
+        ]
+    return []
+
+
+def _valid_params(spec: SweepSpec) -> dict[str, ParamSpace]:
+    out = {}
+    for name, raw in spec.space.items():
+        if isinstance(raw, dict) and name in TrainConfig.model_fields:
+            try:
+                out[name] = ParamSpace(**raw)
+            except ValidationError:
+                pass
+    return out
+
+
+def _section(spec: SweepSpec, name: str, cls: type[BaseModel]) -> Any:
+    """A section as its model, or None when it did not validate (its problems are already listed)."""
+    value = getattr(spec, name, None)
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(**(value or {})) if isinstance(value, dict) or value is None else None
+    except (ValidationError, TypeError):
+        return None
+
+
+def _objectives(spec: SweepSpec) -> list[ObjectiveSpec]:
+    raw = getattr(spec, "objective", None)
+    out = []
+    for item in raw if isinstance(raw, list) else [raw]:
+        if isinstance(item, ObjectiveSpec):
+            out.append(item)
+        elif isinstance(item, dict):
+            try:
+                out.append(ObjectiveSpec(**item))
+            except ValidationError:
+                pass  # already reported by the model's own validation
+    return out
+
+
+def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> list[str]:
+    single = not isinstance(getattr(spec, "objective", None), list)
+    out, seen = [], set()
+    for i, o in enumerate(objectives):
+        path = "objective.metric" if single else f"objective[{i}].metric"
+        if o.metric not in KNOWN_METRICS:
+            out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(KNOWN_METRICS)}")
+        if o.metric in seen:
+            out.append(f"{path}: {o.metric!r} is listed twice")
+        seen.add(o.metric)
+    return out
+
+
+def _condition_problems(spec: SweepSpec, params: dict[str, ParamSpace]) -> list[str]:
+    out, fixed = [], spec.fixed()
+    for name, p in params.items():
+        for key, accepted in p.conditions().items():
+            path = f"space.{name}.when.{key}"
+            if key == name:
+                out.append(f"{path}: a field cannot be conditioned on itself")
+            elif key in params:
+                q = params[key]
+                if q.type not in ("choice", "int"):
+                    out.append(f"{path}: space.{key} is continuous; condition on a choice or int field")
+                    continue
+                bad = [v for v in accepted if not q.contains(v)]
+                if bad:
+                    out.append(f"{path}: {bad[0]!r} is not a value space.{key} can take ({q.grid_values()})")
+            elif key in TrainConfig.model_fields:
+                current = fixed.get(key, TrainConfig.model_fields[key].default)
+                if current not in accepted:
+                    out.append(f"{path}: {key} is fixed to {current!r}, so {name} is never searched; "
+                               f"search {key} in space or remove the condition")
+            else:
+                out.append(f"{path}: not a training field; a condition names a field in space or train")
+    try:
+        search_order(params)
+    except ValueError as err:
+        out.append(f"space: {err}; remove one of the `when` conditions")
+    return out
+
+
+def _search_problems(spec: SweepSpec, search: SearchSpec, n_objectives: int, params: dict[str, ParamSpace]) -> list[str]:
+    out = []
+    if search.sampler == "nsga2" and n_objectives < 2:
+        out.append("search.sampler: nsga2 is for multi-objective search; give objective as a list of >= 2 "
+                   "{metric, mode} entries, or use tpe")
+    if search.sampler == "grid":
+        size = 1
+        for name, p in params.items():
+            values = p.grid_values()
+            if values is None:
+                out.append(f"space.{name}: the grid sampler needs choice or int fields (or uniform with step); "
+                           "add step, list the values as a choice, or use sampler: tpe")
+            else:
+                size *= len(values)
+            if p.when:
+                out.append(f"space.{name}.when: the grid sampler does not support conditions; remove when or use tpe")
+        if not out and search.num_trials > size:
+            out.append(f"search.num_trials: {search.num_trials} exceeds the grid's {size} configurations; "
+                       f"set num_trials: {size}")
+    if search.sampler == "gp" and importlib.util.find_spec("scipy") is None:
+        out.append("search.sampler: gp (optuna GPSampler) needs scipy, which is not installed; "
+                   "pip install scipy, or use tpe")
+    if len(search.initial_configs) > search.num_trials:
+        out.append(f"search.initial_configs: {len(search.initial_configs)} configs but num_trials is "
+                   f"{search.num_trials}; raise num_trials or drop configs")
+    for i, config in enumerate(search.initial_configs):
+        for key, value in config.items():
+            path = f"search.initial_configs[{i}].{key}"
+            if key not in params:
+                out.append(f"{path}: not a searched field; searched fields are {', '.join(params) or '(none)'}")
+            elif not params[key].contains(value):
+                p = params[key]
+                where = p.values if p.type == "choice" else f"[{p.low}, {p.high}]"
+                out.append(f"{path}: {value!r} is outside space.{key} ({where})")
+    return out
+
+
+def _pruner_problems(spec: SweepSpec, pruner: PrunerSpec, n_objectives: int) -> list[str]:
+    if pruner.type == "none":
+        return []
+    if n_objectives > 1:
+        return ["pruner.type: Optuna cannot prune a multi-objective study; set pruner: {type: none} "
+                "or use a single objective"]
+    if pruner.type == "wilcoxon" and importlib.util.find_spec("scipy") is None:
+        return ["pruner.type: wilcoxon (optuna WilcoxonPruner) needs scipy, which is not installed; "
+                "pip install scipy, or use median"]
+    if pruner.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler as cls
+
+        name, reserved = "ray.tune.schedulers.ASHAScheduler", ASHA_RESERVED
+    else:
+        import optuna
+
+        cls = getattr(optuna.pruners, OPTUNA_PRUNERS[pruner.type])
+        name, reserved = f"optuna.pruners.{cls.__name__}", ()
+    params = {k: v for k, v in inspect.signature(cls).parameters.items() if k not in reserved}
+    out = [
+        f"pruner.options.{k}: unknown option of {name}; valid options: {', '.join(params)}"
+        for k in pruner.options if k not in params
+    ]
+    opts = pruner_options(spec)
+    out += [f"pruner.options.{k}: required by {name}" for k, v in params.items()
+            if v.default is inspect.Parameter.empty and k not in opts]
+    if pruner.type == "asha" and "max_t" not in opts:
+        out.append("pruner.options.max_t: required with max_train_epochs (a trial's steps depend on the "
+                   "dataset); give the longest trial's training steps")
+    if not out:
+        try:
+            extra = {"time_attr": "step", "metric": spec.primary.metric, "mode": spec.primary.mode} if reserved else {}
+            cls(**opts, **extra)
+        except (AssertionError, ValueError, TypeError) as err:
+            out.append(f"pruner.options: {name} rejects {opts}: {err or 'invalid values'}")
+    return out
+
+
+def _resource_problems(resources: ResourcesSpec) -> list[str]:
+    return [
+        f"resources.{k}: {v} is fractional above 1; Ray takes fractions below 1 or whole numbers"
+        for k, v in (("cpus_per_trial", resources.cpus_per_trial), ("gpus_per_trial", resources.gpus_per_trial))
+        if v > 1 and v != int(v)
+    ]
+
+
+def _eval_problems(spec: SweepSpec, ev: EvalSpec) -> list[str]:
+    if ev.suite is None:
+        return [] if ev.prompts else ["eval.prompts: give prompts (or eval.suite) to score the trials on"]
+    from evaluator.suites import SuiteError, expand_suite, load_suite, parse_suite
+
+    try:
+        suite = parse_suite(ev.suite, "eval.suite") if isinstance(ev.suite, dict) else load_suite(ev.suite)
+        expand_suite(suite, getattr(spec, "trigger_word", None), ev.class_word)
+    except SuiteError as err:
+        return [f"eval.suite: {line}" for line in str(err).splitlines()]
+    return []
+
+
+def cross_problems(spec: SweepSpec) -> list[str]:
+    """Checks across sections, each run on the sections that validated on their own."""
+    params = _valid_params(spec)
+    params = {k: p for k, p in params.items() if not p.problems()}
+    objectives = _objectives(spec)
+    out = _objective_problems(spec, objectives) + _condition_problems(spec, params)
+    search, pruner = _section(spec, "search", SearchSpec), _section(spec, "pruner", PrunerSpec)
+    resources, ev = _section(spec, "resources", ResourcesSpec), _section(spec, "eval", EvalSpec)
+    if search:
+        out += _search_problems(spec, search, len(objectives), params)
+    if pruner and ev and objectives:
+        # The pruner's defaults read eval and objective: use their validated forms.
+        view = spec.model_copy(update={"pruner": pruner, "eval": ev, "objective": objectives})
+        out += _pruner_problems(view, pruner, len(objectives))
+    if resources:
+        out += _resource_problems(resources)
+    if ev:
+        out += _eval_problems(spec, ev)
+    return out
+
+
