@@ -28,6 +28,10 @@ MANIFEST = "manifest.json"
 LAYOUT_FILES = {"kohya": LORA_KOHYA, "diffusers": LORA_DIFFUSERS}
 
 
+class ExportError(RuntimeError):
+    """Nothing to export, or a checkpoint without the files export needs; the message says why."""
+
+
 @dataclass
 class Candidate:
     record: TrialRecord
@@ -73,7 +77,7 @@ def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None) -> E
     chosen = choose(records, spec)
     if not chosen:
         reasons = "; ".join(f"{r.row.trial_id}: {r.row.reason}" for r in records if r.row.reason)
-        raise RuntimeError(f"no trial reported a finite {spec.primary.metric}; nothing to export ({reasons or 'no trials ran'})")
+        raise ExportError(f"no trial reported a finite {spec.primary.metric}; nothing to export ({reasons or 'no trials ran'})")
     root = sweep_uri(spec)
     staging = Path(spec.output_dir) / ".export-staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -111,7 +115,7 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
         trial = json.loads((src / TRIAL_INFO).read_text())
         files = {fmt: name for fmt, name in LAYOUT_FILES.items() if fmt in spec.export.formats and (src / name).is_file()}
         if not files:
-            raise RuntimeError(f"{cand.checkpoint.path}: the checkpoint holds none of the formats {spec.export.formats}")
+            raise ExportError(f"{cand.checkpoint.path}: the checkpoint holds none of the formats {spec.export.formats}")
         for name in [*files.values(), SAMPLES_FILE]:
             shutil.copyfile(src / name, local / name)
     info = {

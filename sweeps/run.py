@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing so --help is instant.
+    from sweeps.export import ExportError
     from sweeps.spec import SpecError, load_spec
     from sweeps.storage import StorageError
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             print(sweep_status(spec))
             return 0
         return export_only(spec) if args.export_only else sweep(spec, args)
-    except (SpecError, StorageError, FileNotFoundError) as err:
+    except (SpecError, StorageError, FileNotFoundError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -38,7 +38,8 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     assert set(info["params"]) == {"learning_rate", "rank"}
     assert info["objective"]["metric"] == "clip_score" and info["objective"]["value"] >= 0
     # The table lists all three trials, and the winner has the table's best score.
-    table = [ln for ln in proc.stdout.splitlines() if ln.split() and ln.split()[-3:-2] == ["complete"]]
+    # (the demo's median pruner may stop the third trial early: "pruned")
+    table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 4 and ln.split()[-3] in ("complete", "pruned")]
     assert len(table) == 3, proc.stdout
     scores = [float(ln.split()[-4]) for ln in table]
     assert info["objective"]["value"] == pytest.approx(max(scores), rel=1e-3)

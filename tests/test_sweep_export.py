@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from sweeps import run as run_cli
 from sweeps.export import choose, export_sweep, verify_files
 from sweeps.results import format_table, load_records
+from sweeps.search import load_pruned
 from sweeps.spec import load_spec
 from sweeps.trainable import LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, TRIAL_INFO, TrialFailed, save_grid
 from sweeps.tuner import run_sweep
@@ -81,9 +82,13 @@ def finished_sweep(local_ray, tmp_path_factory):
 def test_results_table_has_every_trial_with_state_and_reason(finished_sweep):
     rows = [r.row for r in load_records(finished_sweep)]
     assert len(rows) == 4 and sum(r.params["rank"] == 8 for r in rows) >= 1
+    pruned = set(load_pruned(finished_sweep.output_dir / "study"))  # the demo's median pruner, through S1's record
     for row in rows:
         if row.params["rank"] == 8:
             assert row.state == "failed" and "rank 8 is refused" in row.reason and row.objective is None
+        elif row.trial_id in pruned:
+            assert row.state == "pruned" and row.steps == 5
+            assert row.objective == pytest.approx(stub_score(row.params, 5))
         else:
             assert row.state == "complete" and row.steps == 10
             assert row.objective == pytest.approx(stub_score(row.params, 10))
@@ -95,7 +100,7 @@ def test_results_table_has_every_trial_with_state_and_reason(finished_sweep):
 def test_export_top_k_with_manifest_and_best(finished_sweep):
     spec = finished_sweep
     result = export_sweep(spec)
-    ok = sorted((r for r in load_records(spec) if r.row.state == "complete"), key=lambda r: -r.row.objective)
+    ok = sorted((r for r in load_records(spec) if r.row.objective is not None), key=lambda r: -r.row.objective)
     manifest = json.loads((spec.output_dir / "export" / "manifest.json").read_text())
     assert [e["trial_id"] for e in manifest["entries"]] == [r.row.trial_id for r in ok[:2]]
     assert [e["rank"] for e in manifest["entries"]] == [1, 2]
@@ -150,7 +155,7 @@ def test_status_of_a_sweep_that_never_ran_is_a_clear_error(tmp_path, capsys):
 
 def test_multi_objective_sweep_exports_its_pareto_front(local_ray, tmp_path):
     spec = demo_spec(
-        tmp_path, "objective=[{metric: clip_score, mode: max}, {metric: loss, mode: min}]", "search.sampler=nsga2",
+        tmp_path, "objective=[{metric: clip_score, mode: max}, {metric: loss, mode: min}]", "search.sampler=nsga2", "pruner.type=none",
         "search.num_trials=5", "space.rank={type: choice, values: [2, 4]}",
     )
     run_sweep(spec, trainable=stub_trial)
