@@ -21,6 +21,7 @@ from ray import tune
 from sweeps import storage
 from sweeps.results import FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.spec import SweepSpec, parse_spec
+from sweeps.suite_scoring import make_suite_scorer
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfigError
 from trainer.loop import LoraTrainer, TrainingDiverged
@@ -52,7 +53,7 @@ def train_trial(params: dict, spec_data: dict, run_info: dict) -> None:
         _fail(failure_record, f"invalid config: {err}", params)
     cfg = trainer.cfg  # max_train_steps resolved from max_train_epochs when that is set
     resumed_from = _restore(trainer)
-    scorer = make_scorer(spec, run_info.get("evaluator"))
+    scorer = make_suite_scorer(spec, run_info.get("evaluator"), trainer) or make_scorer(spec, run_info.get("evaluator"))
     prompts, seeds = spec.eval_prompts()
     tracker = _tracker(run_info.get("tracking"), params, trial_id)
     try:

@@ -1,0 +1,86 @@
+"""Scoring a trial's samples on a prompt suite: CLIP-T per kind, CLIP-I, prior preservation,
+trigger effect and the composite objective.
+
+The references are made once per sweep and kept in the shared evaluator: the training images,
+and the base model's images of the `no_concept` items. A trial at step 0 makes the latter with
+its own pipeline, because a fresh LoRA (up-projections initialised to zero) leaves the base
+model's output unchanged at the same seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from sweeps.spec import SweepSpec
+from trainer.data import load_image
+from trainer.loop import LoraTrainer
+
+Scorer = Callable[[np.ndarray, list[str]], dict]
+
+
+def training_images(trainer: LoraTrainer, limit: int = 64) -> np.ndarray:
+    """The distinct training images as the trainer sees them (center crop, no flip), uint8 NHWC."""
+    cfg, seen, out = trainer.cfg, set(), []
+    rng = np.random.default_rng(0)
+    for example in trainer.data.examples:
+        if example.image_path in seen or len(out) >= limit:
+            continue
+        seen.add(example.image_path)
+        size = trainer.data.target_sizes.get(example.image_path, cfg.resolution)
+        x = load_image(example.image_path, size, True, False, rng)  # CHW in [-1, 1]
+        out.append(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
+    if len({im.shape for im in out}) > 1:  # bucketed sizes: keep the most common one for one batch
+        shapes = [im.shape for im in out]
+        common = max(set(shapes), key=shapes.count)
+        out = [im for im in out if im.shape == common]
+    return np.stack(out)
+
+
+def make_suite_scorer(spec: SweepSpec, evaluator_name: str | None, trainer: LoraTrainer) -> Scorer | None:
+    """A scorer for `spec.eval.suite`, or None when the spec lists plain prompts."""
+    suite = spec.prompt_suite()
+    if suite is None:
+        return None
+    from evaluator.suites import expand_suite
+
+    items = expand_suite(suite, spec.trigger_word, spec.eval.class_word)
+    base_items = [it for it in items if it.kind == "no_concept"]
+    make_base = (lambda: trainer.sample([it.prompt for it in base_items], [it.seed for it in base_items]))
+    fresh = trainer.global_step == 0  # base images are only right from an untrained LoRA
+    if evaluator_name:
+        return _remote(spec, evaluator_name, trainer, items, base_items, make_base, fresh)
+    return _local(spec, trainer, items, base_items, make_base, fresh)
+
+
+def _remote(spec, evaluator_name, trainer, items, base_items, make_base, fresh) -> Scorer:
+    from evaluator.service import connect_evaluator, ensure_reference, has_reference, score_suite_remote
+
+    handle = connect_evaluator(name=evaluator_name, timeout_s=120)
+    train_key, base_key = f"{spec.name}/train", f"{spec.name}/base"
+    ensure_reference(handle, train_key, lambda: training_images(trainer))
+    if base_items and fresh:
+        ensure_reference(handle, base_key, make_base)
+    if not base_items or not has_reference(handle, base_key):
+        base_key = None  # prior preservation is then left out of the objective (listed as skipped)
+
+    def score(images: np.ndarray, prompts: list[str]) -> dict:
+        return score_suite_remote(handle, items, images, trigger=spec.trigger_word, base_key=base_key,
+                                  train_key=train_key, timeout_s=600)
+
+    return score
+
+
+def _local(spec, trainer, items, base_items, make_base, fresh) -> Scorer:
+    from evaluator import ClipModel
+    from evaluator.score import evaluate_suite
+
+    clip = ClipModel.load(spec.evaluator.model, spec.evaluator.pretrained)
+    train_emb = clip.embed_images(training_images(trainer))
+    base = make_base() if base_items and fresh else None
+
+    def score(images: np.ndarray, prompts: list[str]) -> dict:
+        return evaluate_suite(clip, items, images, trigger=spec.trigger_word, base_images=base, train_emb=train_emb)
+
+    return score

@@ -1,0 +1,76 @@
+"""A sweep scored on a prompt suite: every metric, references made once, local == shared service."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.spec import parse_spec
+from sweeps.suite_scoring import make_suite_scorer, training_images
+from trainer.loop import LoraTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def suite_setup(tiny_sd_dir, demo_dataset):
+    from evaluator.tiny import ensure_tiny_clip
+
+    ensure_tiny_clip()
+    data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    data.update(base_model=str(tiny_sd_dir), dataset=str(demo_dataset))
+    data["eval"] = {"interval": 2, "suite": str(ROOT / "examples" / "suites" / "demo.yaml"), "class_word": "circle"}
+    data["train"]["max_train_steps"] = 2
+    spec = parse_spec(data, "test")
+    trainer = LoraTrainer(spec.train_config({"learning_rate": 1e-2, "rank": 4}))
+    return spec, trainer
+
+
+def test_untrained_lora_scores_every_metric_and_keeps_the_prior(suite_setup):
+    spec, trainer = suite_setup
+    scorer = make_suite_scorer(spec, None, trainer)
+    prompts, seeds = spec.eval_prompts()
+    scores = scorer(trainer.sample(prompts, seeds), prompts)
+    for key in ("clip_score", "clip_i", "prior_preservation", "trigger_effect", "objective",
+                "clip_score_natural", "clip_score_new_setting", "clip_score_no_concept"):
+        assert scores[key] is not None, key
+    # A fresh LoRA does not change the base model: its no-concept images equal the base images.
+    assert scores["prior_preservation"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_training_images_are_the_dataset_images(suite_setup):
+    _, trainer = suite_setup
+    images = training_images(trainer)
+    assert images.dtype.name == "uint8" and images.shape == (12, 64, 64, 3)
+
+
+def test_plain_prompt_specs_use_no_suite(suite_setup, tiny_sd_dir, demo_dataset):
+    _, trainer = suite_setup
+    data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    assert make_suite_scorer(parse_spec(data, "demo"), None, trainer) is None
+
+
+@pytest.mark.slow
+def test_shared_service_gives_the_local_scores(suite_setup):
+    import ray
+
+    from evaluator.service import evaluator_stats, start_evaluator, stop_evaluator
+
+    spec, trainer = suite_setup
+    prompts, seeds = spec.eval_prompts()
+    images = trainer.sample(prompts, seeds)
+    local = make_suite_scorer(spec, None, trainer)(images, prompts)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        handle = start_evaluator(name="suite-test", model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
+                                 replicas=1, num_cpus=0, detached=False)
+        remote = make_suite_scorer(spec, "suite-test", trainer)(images, prompts)
+        make_suite_scorer(spec, "suite-test", trainer)  # a second trial: references already cached
+        stats = evaluator_stats(handle)
+        stop_evaluator(name="suite-test")
+    finally:
+        ray.shutdown()
+    for key in ("clip_score", "clip_i", "prior_preservation", "trigger_effect", "objective"):
+        assert remote[key] == pytest.approx(local[key], rel=1e-3, abs=1e-3), key
+    assert stats["model_loads"] == 1
+    assert sorted(stats["references"]) == ["demo/base", "demo/train"]
