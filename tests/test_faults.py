@@ -130,7 +130,7 @@ def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_p
     from sweeps.tuner import run_sweep
 
     spec = prepare_sweep(load_spec(DEMO, [
-        f"storage={tmp_path}", "search.num_trials=1", "search.max_concurrent=1", "train.max_train_steps=12",
+        f"storage={tmp_path}", "search.num_trials=1", "search.max_concurrent=1", "train.max_train_steps=40",
         "eval.interval=4", "eval.seeds=[0]", "failure.max_failures=2"]))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     cluster.add_node(num_cpus=1, resources={"node_a": 1})
@@ -162,10 +162,12 @@ def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_p
         cluster.shutdown()
     assert killed, "the trial finished before its node could be killed"
     (record,) = records
-    assert record.row.state == "complete" and record.row.steps == 12
+    assert record.row.state == "complete" and record.row.steps == 40
     steps = [row["step"] for row in map(json.loads, Path(record.result.path, "result.json").read_text().splitlines())]
     resumed = [json.loads(ln)["resumed_from_step"] for ln in Path(record.result.path, "result.json").read_text().splitlines()]
     # Reports before the loss start from 0; after it, the trial continues from its checkpoint's step, not from zero.
-    assert killed["step"] >= 4 and resumed[-1] >= 4 and resumed[-1] <= killed["step"]
-    assert steps[-1] == 12 and all(s > resumed[-1] for s in steps[steps.index(resumed[-1]) + 1:])
+    assert len(steps) > len(set(steps)) or resumed[-1] > 0, f"no restart happened after the node loss: steps {steps}"
+    # The node dies shortly after the killer sees step `killed["step"]`; the trial may checkpoint once more first.
+    assert 4 <= killed["step"] <= resumed[-1] < 40 and resumed[-1] in steps
+    assert steps[-1] == 40 and all(s > resumed[-1] for s in steps[steps.index(resumed[-1]) + 1:])
     assert record.result.metrics["resumed_from_step"] == resumed[-1]
