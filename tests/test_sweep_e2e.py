@@ -43,3 +43,59 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     assert len(table) == 3, proc.stdout
     scores = [float(ln.split()[-4]) for ln in table]
     assert info["objective"]["value"] == pytest.approx(max(scores), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_four_trials_two_at_a_time_on_logical_gpus_with_median_pruner(tmp_path):
+    """Trials ask for one (logical) GPU each; local Ray declares two, so two run at a time."""
+    import ray
+
+    from sweeps.export import export_sweep, read_manifest
+    from sweeps.prepare import prepare_sweep
+    from sweeps.results import load_records, sweep_uri
+    from sweeps.spec import load_spec
+    from sweeps.tuner import run_sweep
+
+    spec = prepare_sweep(load_spec(ROOT / "examples" / "demo.yaml", [
+        f"storage={tmp_path}", "search.num_trials=4", "search.max_concurrent=4", "search.sampler=tpe",
+        "resources.gpus_per_trial=1", "resources.cpus_per_trial=0.5", "train.max_train_steps=8",
+        "eval.interval=4", "eval.seeds=[0]", "pruner.type=median", "pruner.options={n_startup_trials: 1}"]))
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
+    try:
+        run_sweep(spec)
+        records = load_records(spec)
+        export_sweep(spec, records)
+    finally:
+        ray.shutdown()
+    assert len(records) == 4
+    assert {r.row.state for r in records} <= {"complete", "pruned"}
+    # At most two trials ever overlapped: each held one of the two logical GPUs. Ray's `timestamp`
+    # is whole seconds (the true end lies within the next second), so starts are taken 1 s late.
+    spans = sorted((r.result.metrics["timestamp"] - r.result.metrics["time_total_s"] + 1.0, r.result.metrics["timestamp"])
+                   for r in records)
+    overlaps = max(sum(1 for s, e in spans if s < t < e) for t in [s + 1e-3 for s, _ in spans])
+    assert overlaps <= 2
+    manifest = read_manifest(sweep_uri(spec))
+    assert manifest["entries"] and manifest["sha256"] and (tmp_path / "demo" / "best.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.bogus_knob=1", "train.bogus_knob: unknown key"),
+        ("space.learning_rate={type: loguniform, low: 0.1, high: 0.001}", "space.learning_rate.low: must be < high"),
+        ("dataset=/nonexistent/lorasweep-data", "dataset:"),
+        ("train.lr_scheduler=cosine_restart", "train.lr_scheduler:"),
+        ("space.rank={type: choice, values: [0, 4]}", "space.rank: value 0 is invalid"),
+    ],
+)
+def test_bad_specs_fail_clearly_before_ray_starts(tmp_path, capsys, override, expected):
+    import ray
+
+    from sweeps.run import main
+
+    code = main(["--space", str(ROOT / "examples" / "demo.yaml"), "--set", f"storage={tmp_path}", "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "demo.yaml" in err, err
+    assert not ray.is_initialized()
+    assert not list(tmp_path.glob("demo/tune")), "nothing may start for a bad spec"
