@@ -7,6 +7,11 @@ Same config, same seed, same trainer code otherwise. Each (mode, repeat) runs in
 (for its own peak RSS); modes alternate per repeat so machine noise hits both alike.
 
     .venv/bin/python bench/train_step.py [--model tiny|sd15-quarter|sd15-half] [--resolution 128] [--batch 4] [--steps 6] [--repeats 3]
+
+--flops counts instead of timing: the floating-point operations of one trainer step in each mode
+(torch's FlopCounterMode over the real step), and the same count for SD 1.5's own VAE, text
+encoder and UNet at 512 px built on the meta device (shapes only, no weights, no compute).
+Counts do not depend on machine load, so they show the ratio a model's shapes allow.
 """
 
 from __future__ import annotations
@@ -97,6 +102,86 @@ def run_child(args) -> dict:
     }
 
 
+def count_step_flops(args) -> dict[str, int]:
+    """FLOPs of one steady-state step per mode, counted over the real trainer code."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.cache import build_caches
+    from trainer.config import build_train_config
+    from trainer.loop import LoraTrainer
+    from trainer.tiny import ensure_tiny_sd
+
+    counts = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for mode, knobs in MODES.items():
+            cfg = build_train_config(dict(
+                base_model=args.base_model or str(ensure_tiny_sd()), dataset="builtin:demo", resolution=args.resolution,
+                train_batch_size=args.batch, max_train_steps=2, learning_rate=1e-4, seed=0, cache_dir=cache_dir, **knobs))
+            divisor = {"tiny": None, "sd15-quarter": 4, "sd15-half": 2}[args.model]
+            comps = sd15_shaped_components(divisor) if divisor else None
+            if mode == "cached":
+                build_caches(cfg, components=comps, device="cpu")
+            trainer = LoraTrainer(cfg, components=comps)
+            trainer.step()
+            with FlopCounterMode(display=False) as counter:
+                trainer.step()
+            counts[mode] = counter.get_total_flops()
+            del trainer
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return counts
+
+
+def sd15_component_flops(resolution: int = 512, batch: int = 1) -> dict[str, int]:
+    """SD 1.5's real architectures on the meta device: VAE encode, text encode, UNet forward +
+    backward to its input (what a LoRA step back-propagates through)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+        unet = UNet2DConditionModel(
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, max_position_embeddings=77))
+        unet.requires_grad_(False)
+        pixels = torch.empty(batch, 3, resolution, resolution)
+        ids = torch.zeros(batch, 77, dtype=torch.long)
+        latents = torch.empty(batch, 4, resolution // 8, resolution // 8, requires_grad=True)
+        context = torch.empty(batch, 77, 768)
+        out = {}
+        with FlopCounterMode(display=False) as c:
+            with torch.no_grad():
+                vae.encode(pixels)
+        out["vae_encode"] = c.get_total_flops()
+        with FlopCounterMode(display=False) as c:
+            with torch.no_grad():
+                text(ids)
+        out["text_encode"] = c.get_total_flops()
+        with FlopCounterMode(display=False) as c:
+            unet(latents, torch.zeros(batch, dtype=torch.long), context).sample.sum().backward()
+        out["unet_forward_backward"] = c.get_total_flops()
+    return out
+
+
+def report_flops(args) -> None:
+    step = count_step_flops(args)
+    print(f"model {args.model}, resolution {args.resolution}px, batch {args.batch}: FLOPs of one trainer step")
+    for mode, n in step.items():
+        print(f"  {mode:9s} {n / 1e9:10.3f} GFLOP")
+    print(f"  ratio cached / per_step: {step['cached'] / step['per_step']:.3f} (target <= 0.7)")
+    sd = sd15_component_flops()
+    print("SD 1.5 architectures at 512 px, batch 1 (meta device): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP" for k, v in sd.items()))
+    cached = sd["unet_forward_backward"]
+    print(f"  ratio UNet fwd+bwd / (that + VAE encode + text encode): {cached / sum(sd.values()):.3f}")
+    print(json.dumps({"step_flops": step, "sd15_flops": sd}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolution", type=int, default=128, help="training side in px (tiny VAE: 64 is too cheap to show)")
@@ -110,11 +195,15 @@ def main() -> None:
                    "channel width (random weights)")
     p.add_argument("--base-model", default=None,
                    help="a real SD 1.x model (folder, .safetensors, hub id) instead of the tiny one; use with --model tiny")
+    p.add_argument("--flops", action="store_true", help="count FLOPs per step instead of timing (load-independent)")
     p.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
         print(json.dumps(run_child(args)))
+        return
+    if args.flops:
+        report_flops(args)
         return
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as cache_dir:
