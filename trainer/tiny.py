@@ -37,7 +37,7 @@ TINY_SD_ID = "builtin:tiny-sd"
 TINY_SD_FILE_ID = "builtin:tiny-sd-file"
 
 # Bump when build_tiny_sd_pipeline or the LDM conversion changes: cached copies are then rebuilt.
-TINY_SD_RECIPE = "tiny-sd-v1/2"
+TINY_SD_RECIPE = "tiny-sd-v1/3"
 _FOLDER = "tiny-sd-v1"
 _SINGLE_FILE = "tiny-sd-v1.safetensors"
 _MARKER = "lorasweep_complete.json"
@@ -142,10 +142,13 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamples: SD's scale factor 8
+        # SD 1.5's VAE layout at 1/16 of its widths: 3 downsamples (scale factor 8) and two
+        # ResNets per level (three per decoder level), so that encoding costs about what SD's
+        # does next to its UNet (1.4x one UNet forward) and the LDM key numbering is SD's.
+        down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
+        layers_per_block=2,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
