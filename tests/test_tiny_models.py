@@ -64,6 +64,20 @@ def test_sizes_and_sd_shape():
     assert pipe.text_encoder.config.num_hidden_layers == 4  # clip skip 2 leaves 3 layers
 
 
+def test_vae_costs_what_sd15s_does_next_to_its_unet():
+    """SD 1.5's VAE encoder at 512 px does 1.39x the work of one UNet forward; the cache
+    benchmark is only representative when the tiny model keeps that proportion."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipe = build_tiny_sd_pipeline()
+    assert pipe.vae.config.layers_per_block == pipe.unet.config.layers_per_block == 2  # as in SD 1.5
+    with torch.no_grad(), FlopCounterMode(display=False) as vae_count:
+        pipe.vae.encode(torch.zeros(1, 3, 64, 64))
+    with torch.no_grad(), FlopCounterMode(display=False) as unet_count:
+        pipe.unet(torch.zeros(1, 4, 8, 8), torch.tensor([10]), torch.zeros(1, 77, 32))
+    assert 1.2 < vae_count.get_total_flops() / unet_count.get_total_flops() < 1.6
+
+
 def test_folder_round_trip_and_sampling(tiny_sd_dir, folder_pipe):
     assert (tiny_sd_dir / "model_index.json").is_file()
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (tiny_sd_dir / "tokenizer").iterdir()}
