@@ -8,6 +8,9 @@ Same config, same seed, same trainer code otherwise. Each (mode, repeat) runs in
 
     .venv/bin/python bench/train_step.py [--model tiny|sd15-quarter|sd15-half] [--resolution 128] [--batch 4] [--steps 6] [--repeats 3]
 
+--interleave times both modes in ONE process, alternating step by step, so that the speed
+swings of a shared machine hit both alike (no per-mode peak RSS then).
+
 --flops counts instead of timing: the floating-point operations of one trainer step in each mode
 (torch's FlopCounterMode over the real step), and the same count for SD 1.5's own VAE, text
 encoder and UNet at 512 px built on the meta device (shapes only, no weights, no compute).
@@ -62,11 +65,7 @@ def sd15_shaped_components(divisor: int):
     return comps
 
 
-def run_child(args) -> dict:
-    """One mode: set up (caches built outside the timing), warm up, time `steps` steps."""
-    import torch
-
-    torch.set_num_threads(args.threads)
+def _trainer(args, mode: str, cache_dir: str):
     from trainer.cache import build_caches
     from trainer.config import build_train_config
     from trainer.loop import LoraTrainer
@@ -74,14 +73,21 @@ def run_child(args) -> dict:
 
     cfg = build_train_config(dict(
         base_model=args.base_model or str(ensure_tiny_sd()), dataset="builtin:demo", resolution=args.resolution,
-        train_batch_size=args.batch, max_train_steps=args.warmup + args.steps, learning_rate=1e-4,
-        seed=0, cache_dir=args.cache_dir, **MODES[args.mode],
-    ))
-    comps = {"tiny": None, "sd15-quarter": 4, "sd15-half": 2}[args.model]
-    comps = sd15_shaped_components(comps) if comps else None
-    if args.mode == "cached":
+        train_batch_size=args.batch, max_train_steps=args.warmup + args.steps + 1, learning_rate=1e-4,
+        seed=0, cache_dir=cache_dir, **MODES[mode]))
+    divisor = {"tiny": None, "sd15-quarter": 4, "sd15-half": 2}[args.model]
+    comps = sd15_shaped_components(divisor) if divisor else None
+    if mode == "cached":
         build_caches(cfg, components=comps, device="cpu")  # once per sweep, before trials: not part of a step
-    trainer = LoraTrainer(cfg, components=comps)
+    return LoraTrainer(cfg, components=comps)
+
+
+def run_child(args) -> dict:
+    """One mode: set up (caches built outside the timing), warm up, time `steps` steps."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    trainer = _trainer(args, args.mode, args.cache_dir)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train(args.warmup)
@@ -102,27 +108,41 @@ def run_child(args) -> dict:
     }
 
 
+def run_interleaved(args) -> None:
+    """Both modes in one process; step i of each runs back to back, in alternating order."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        trainers = {mode: _trainer(args, mode, cache_dir) for mode in MODES}
+        for t in trainers.values():
+            t.train(args.warmup)
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for i in range(args.steps):
+            for mode in (list(MODES) if i % 2 == 0 else list(MODES)[::-1]):
+                start = time.perf_counter()
+                trainers[mode].step()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times[mode].append(time.perf_counter() - start)
+    pair = [c / p for c, p in zip(times["cached"], times["per_step"])]
+    print(f"model {args.model}, resolution {args.resolution}px, batch {args.batch}, {args.steps} interleaved steps per mode")
+    for mode, ts in times.items():
+        print(f"  {mode:9s} median step wall {statistics.median(ts) * 1000:8.1f} ms  (min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f})")
+    print(f"  ratio of medians {statistics.median(times['cached']) / statistics.median(times['per_step']):.3f}, "
+          f"median of per-pair ratios {statistics.median(pair):.3f} (target <= 0.7)")
+    print(json.dumps({"step_s": times}))
+
+
 def count_step_flops(args) -> dict[str, int]:
     """FLOPs of one steady-state step per mode, counted over the real trainer code."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.cache import build_caches
-    from trainer.config import build_train_config
-    from trainer.loop import LoraTrainer
-    from trainer.tiny import ensure_tiny_sd
-
     counts = {}
     with tempfile.TemporaryDirectory() as cache_dir:
-        for mode, knobs in MODES.items():
-            cfg = build_train_config(dict(
-                base_model=args.base_model or str(ensure_tiny_sd()), dataset="builtin:demo", resolution=args.resolution,
-                train_batch_size=args.batch, max_train_steps=2, learning_rate=1e-4, seed=0, cache_dir=cache_dir, **knobs))
-            divisor = {"tiny": None, "sd15-quarter": 4, "sd15-half": 2}[args.model]
-            comps = sd15_shaped_components(divisor) if divisor else None
-            if mode == "cached":
-                build_caches(cfg, components=comps, device="cpu")
-            trainer = LoraTrainer(cfg, components=comps)
+        for mode in MODES:
+            trainer = _trainer(args, mode, cache_dir)
             trainer.step()
             with FlopCounterMode(display=False) as counter:
                 trainer.step()
@@ -193,6 +213,7 @@ def main() -> None:
                    "channel width (random weights)")
     p.add_argument("--base-model", default=None,
                    help="a real SD 1.x model (folder, .safetensors, hub id) instead of the tiny one; use with --model tiny")
+    p.add_argument("--interleave", action="store_true", help="both modes in one process, step by step (noise-robust)")
     p.add_argument("--flops", action="store_true", help="count FLOPs per step instead of timing (load-independent)")
     p.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
@@ -202,6 +223,9 @@ def main() -> None:
         return
     if args.flops:
         report_flops(args)
+        return
+    if args.interleave:
+        run_interleaved(args)
         return
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as cache_dir:
