@@ -1,0 +1,46 @@
+"""The package boundaries of DESIGN.md: trainer/ knows nothing of Ray or W&B, and evaluator/
+keeps Ray to its one thin service module."""
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_ALLOWED = {"evaluator.service"}
+
+
+def _modules(package: str) -> list[str]:
+    return [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(ROOT / package)]) if m.name != "__main__"]
+
+
+@pytest.mark.parametrize("package", ["trainer", "evaluator"])
+def test_importing_the_package_does_not_pull_in_ray(package):
+    # Only Ray here: open_clip imports timm, whose timm.utils.summary imports wandb whenever it
+    # is installed. Our own sources are checked for both by the next test.
+    modules = [m for m in _modules(package) if m not in RAY_ALLOWED]
+    assert len(modules) > 5, modules
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] == 'ray')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_no_source_file_outside_the_service_names_ray_or_wandb():
+    offenders = []
+    for package in ("trainer", "evaluator"):
+        for path in (ROOT / package).glob("*.py"):
+            if f"{package}.{path.stem}" in RAY_ALLOWED:
+                continue
+            for line in path.read_text().splitlines():
+                words = line.strip().split()
+                if words[:1] in (["import"], ["from"]) and words[1].split(".")[0] in ("ray", "wandb"):
+                    offenders.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+    assert offenders == []
