@@ -36,32 +36,40 @@ MODES = {"cached": dict(cache_latents=True, cache_text_embeddings=True),
          "per_step": dict(cache_latents=False, cache_text_embeddings=False)}
 
 
+def sd15_vae_unet(divisor: int, cross_attention_dim: int):
+    """A VAE and UNet with SD 1.5's layouts at 1/divisor of its channel widths (random weights).
+    Built on the current torch device: the meta device gives shapes only, for counting."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=tuple(c // divisor for c in (128, 256, 512, 512)), layers_per_block=2, latent_channels=4,
+        norm_num_groups=32,
+    )
+    unet = UNet2DConditionModel(
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=tuple(c // divisor for c in (320, 640, 1280, 1280)), layers_per_block=2, norm_num_groups=16,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+    )
+    for m in (vae, unet):
+        m.eval()
+        m.requires_grad_(False)
+    return vae, unet
+
+
 def sd15_shaped_components(divisor: int):
     """The tiny model's tokenizer, text encoder and scheduler with a VAE and UNet shaped like
-    SD 1.5's at 1/divisor of its channel widths (random weights, seeded): keeps SD 1.5's
-    VAE-encoder / UNet cost ratio, which the tiny model (a very small VAE) does not."""
+    SD 1.5's at 1/divisor of its channel widths (seeded): bigger convolutions and attention than
+    the tiny model's, so per-op overhead weighs less on a CPU."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from trainer.model_loading import load_sd_components
     from trainer.tiny import ensure_tiny_sd
 
     comps = load_sd_components(str(ensure_tiny_sd()))
     torch.manual_seed(0)
-    comps.vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=tuple(c // divisor for c in (128, 256, 512, 512)), layers_per_block=2, latent_channels=4,
-        norm_num_groups=32,
-    )
-    comps.unet = UNet2DConditionModel(
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=tuple(c // divisor for c in (320, 640, 1280, 1280)), layers_per_block=2, norm_num_groups=16,
-        cross_attention_dim=comps.text_encoder.config.hidden_size, attention_head_dim=8,
-    )
-    for m in (comps.vae, comps.unet):
-        m.eval()
-        m.requires_grad_(False)
+    comps.vae, comps.unet = sd15_vae_unet(divisor, comps.text_encoder.config.hidden_size)
     return comps
 
 
@@ -136,7 +144,6 @@ def run_interleaved(args) -> None:
 
 def count_step_flops(args) -> dict[str, int]:
     """FLOPs of one steady-state step per mode, counted over the real trainer code."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counts = {}
@@ -155,20 +162,13 @@ def sd15_component_flops(resolution: int = 512, batch: int = 1) -> dict[str, int
     """SD 1.5's real architectures on the meta device: VAE encode, text encode, UNet forward +
     backward to its input (what a LoRA step back-propagates through)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
-        unet = UNet2DConditionModel(
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
+        vae, unet = sd15_vae_unet(1, cross_attention_dim=768)
         text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12, max_position_embeddings=77))
-        unet.requires_grad_(False)
         pixels = torch.empty(batch, 3, resolution, resolution)
         ids = torch.zeros(batch, 77, dtype=torch.long)
         latents = torch.empty(batch, 4, resolution // 8, resolution // 8, requires_grad=True)
