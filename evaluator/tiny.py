@@ -1,14 +1,19 @@
 """A tiny open_clip model that the project builds itself, for tests and CPU demos.
 
 No weights can be downloaded here, so the evaluator's real loading path (open_clip config name +
-checkpoint file) is exercised on a ~2 M parameter CLIP in open_clip's own format. It is briefly
-trained contrastively on drawn shapes (`evaluator.shapes`) so that its scores mean something:
-"a red circle" scores higher on a red circle than "a blue square" does.
+checkpoint file) is exercised on a ~2 M parameter CLIP in open_clip's own format. It is trained
+contrastively on the whole toy world (`toyworld.world`, its held-out colour included), so that
+its scores mean something: "a cyan circle" scores higher on a cyan circle than "a blue square".
+
+The trained weights ship in `evaluator/weights/` (fp16, made by `python -m pretrain.tiny_clip`,
+sha256 in `tiny-clip.json`) and are copied into the cache; a cache whose recipe no shipped file
+matches is built here instead (same code, a few CPU-minutes).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -20,9 +25,9 @@ import numpy as np
 import open_clip
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from evaluator.shapes import all_classes, caption, render_shapes
+from toyworld.world import all_classes, caption, render_shapes
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +39,24 @@ TINY_CLIP_FILE = "tiny-clip.safetensors"
 TINY_CLIP_CONFIG: dict = {
     "embed_dim": 32,
     "quick_gelu": True,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "vision_cfg": {"image_size": 64, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
 }
 
 # Bump when the config, the data or the training recipe changes: a cached file with another
 # recipe is rebuilt instead of failing a strict state-dict load later.
-TINY_CLIP_RECIPE = "1"
+TINY_CLIP_RECIPE = "2"
 _SEED = 20240611
-_STEPS = 300
+_STEPS = 3000
 _LR = 3e-3  # AdamW peak; linear warm-up then cosine decay
 _WARMUP = 20  # steps
-_POOL_PER_CLASS = 40  # drawn training images per (colour, shape) class
+_POOL_PER_CLASS = 150  # drawn training images per (colour, shape) class
 _IMAGES_PER_CLASS = 2  # per step; more images per step learn shapes faster but cost time
 
 _META_KEY = "lorasweep_tiny_clip"  # safetensors metadata entry describing the build
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_FILE = SHIPPED_DIR / TINY_CLIP_FILE
+SHIPPED_INFO = SHIPPED_DIR / "tiny-clip.json"
 
 _registered: set[Path] = set()
 
@@ -120,15 +128,35 @@ def ensure_tiny_clip(root: Path | str | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_current(path):
             start = time.perf_counter()
-            state = build_tiny_clip_state()
-            # One metadata entry holding sorted JSON: safetensors writes several entries in
-            # hash-map order, which would make identical builds differ byte for byte.
-            meta = {_META_KEY: json.dumps({
-                "recipe": TINY_CLIP_RECIPE, "open_clip_name": TINY_CLIP_NAME,
-                "model_cfg": TINY_CLIP_CONFIG, "seed": _SEED, "steps": _STEPS}, sort_keys=True)}
-            _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
-            log.info("built %s in %.1f s", path, time.perf_counter() - start)
+            state = shipped_tiny_clip_state()
+            if state is None:
+                state = build_tiny_clip_state()
+            _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=tiny_clip_metadata()))
+            log.info("wrote %s in %.1f s", path, time.perf_counter() - start)
     return path
+
+
+def tiny_clip_metadata() -> dict[str, str]:
+    # One metadata entry holding sorted JSON: safetensors writes several entries in hash-map
+    # order, which would make identical builds differ byte for byte.
+    return {_META_KEY: json.dumps({
+        "recipe": TINY_CLIP_RECIPE, "open_clip_name": TINY_CLIP_NAME,
+        "model_cfg": TINY_CLIP_CONFIG, "seed": _SEED, "steps": _STEPS}, sort_keys=True)}
+
+
+def shipped_tiny_clip_state() -> dict[str, torch.Tensor] | None:
+    """The shipped weights in fp32 when they are this recipe's (and match their sha256), else None."""
+    try:
+        info = json.loads(SHIPPED_INFO.read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("recipe") != TINY_CLIP_RECIPE or not _is_current(SHIPPED_FILE):
+        return None
+    digest = hashlib.sha256(SHIPPED_FILE.read_bytes()).hexdigest()
+    if digest != info.get("sha256"):
+        log.warning("%s does not match its recorded sha256; building the tiny CLIP instead", SHIPPED_FILE)
+        return None
+    return {k: v.float().contiguous() for k, v in load_file(str(SHIPPED_FILE)).items()}
 
 
 def build_tiny_clip_state(seed: int = _SEED, steps: int = _STEPS) -> dict[str, torch.Tensor]:

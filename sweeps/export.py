@@ -5,7 +5,9 @@ Layout in the sweep's folder (local or remote storage):
     export/rank1/lora_kohya.safetensors, lora_diffusers.safetensors, samples.png, info.json
     export/rank2/...
     export/manifest.json          sha256 of every exported file; written last, so it marks a complete export
-    best.safetensors, best.json, best_samples.png   the winner (kohya layout when available: UIs load it)
+    best.safetensors, best.json, best_samples.png   the winner (kohya layout when available: UIs load it);
+                                                    best_samples.png: labelled rows for the base model, the
+                                                    winner and the worst trial, same prompts and seeds
 
 Multi-objective sweeps export their Pareto front instead of a top-k. Every file is written atomically.
 """
@@ -19,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweeps import storage
-from sweeps.results import (LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, TRIAL_INFO, TrialRecord, load_records,
-                            scored_checkpoints, sweep_uri)
+from sweeps.results import (BASE_SAMPLES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, SHOWN_METRICS, TRIAL_INFO,
+                            TrialRecord, load_records, scored_checkpoints, sweep_uri)
+from sweeps.sample_grids import labelled_rows, read_grid
 from sweeps.spec import SweepSpec
 
 EXPORT_DIR = "export"
@@ -84,7 +87,8 @@ def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None) -> E
     entries, hashes = [], {}
     for rank, cand in enumerate(chosen, start=1):
         entries.append(_export_one(spec, cand, rank, root, staging, hashes))
-    best_files = _export_best(spec, entries[0], root, staging, hashes)
+    comparison = _comparison(spec, chosen[0], _worst(records, spec, chosen[0]), root, staging)
+    best_files = _export_best(spec, entries[0], root, staging, hashes, comparison)
     manifest = {
         "sweep": spec.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -138,14 +142,55 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
     return {k: info[k] for k in ("rank", "trial_id", "params", "objectives", "step")} | {"files": rel_files}
 
 
-def _export_best(spec: SweepSpec, entry: dict, root: str, staging: Path, hashes: dict) -> list[Path]:
+def _worst(records: list[TrialRecord], spec: SweepSpec, best: Candidate) -> Candidate | None:
+    """The trial whose best checkpoint scored lowest (by the primary objective), if not the winner."""
+    everyone = choose(records, spec.model_copy(update={"export": spec.export.model_copy(update={"top_k": 10**9})}))
+    if len(spec.objectives) > 1 or not everyone or everyone[-1].record is best.record:
+        return None
+    return everyone[-1]
+
+
+def _row_label(kind: str, cand: Candidate, spec: SweepSpec) -> str:
+    params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(cand.record.row.params.items()))
+    shown = [spec.primary.metric, *(m for m in SHOWN_METRICS if m != spec.primary.metric)]
+    scores = ", ".join(f"{m}={_short(cand.metrics[m])}" for m in shown if cand.metrics.get(m) is not None)
+    return f"{kind} {cand.record.row.trial_id} (step {cand.metrics.get('step')}): {params}; {scores}"
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _comparison(spec: SweepSpec, best: Candidate, worst: Candidate | None, root: str, staging: Path) -> Path:
+    """best_samples.png: labelled rows for the base model, the winner and the worst trial, on the
+    same prompts and seeds (the winner's grid alone when the base model's images are missing)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    out = staging / "comparison.png"
+    with best.checkpoint.as_directory() as src:
+        trial = json.loads((Path(src) / TRIAL_INFO).read_text())
+        prompts, seeds = trial["prompts"], trial["seeds"]
+        rows = [(_row_label("winner", best, spec), read_grid(Path(src) / SAMPLES_FILE, len(prompts)))]
+    base_uri = storage.join(root, BASE_SAMPLES)
+    if storage.exists(base_uri):
+        storage.copy_file(base_uri, staging / BASE_SAMPLES)
+        rows.insert(0, (f"base model ({spec.base_model}), no LoRA", read_grid(staging / BASE_SAMPLES, len(prompts))))
+    if worst is not None:
+        with worst.checkpoint.as_directory() as src:
+            other = json.loads((Path(src) / TRIAL_INFO).read_text())
+            if (other["prompts"], other["seeds"]) == (prompts, seeds):
+                rows.append((_row_label("worst", worst, spec), read_grid(Path(src) / SAMPLES_FILE, len(prompts))))
+    labelled_rows(rows, prompts, seeds).save(out)
+    return out
+
+
+def _export_best(spec: SweepSpec, entry: dict, root: str, staging: Path, hashes: dict, comparison: Path) -> list[Path]:
     local = staging / f"rank{entry['rank']}"
     fmt = "kohya" if "kohya" in entry["files"] else "diffusers"
     info = json.loads((local / "info.json").read_text())
     info.update(format=fmt, lora="best.safetensors", objective={
         "metric": spec.primary.metric, "mode": spec.primary.mode, "value": entry["objectives"][spec.primary.metric]})
     shutil.copyfile(local / Path(entry["files"][fmt]).name, staging / "best.safetensors")
-    shutil.copyfile(local / SAMPLES_FILE, staging / "best_samples.png")
+    shutil.copyfile(comparison, staging / "best_samples.png")
     (staging / "best.json").write_text(json.dumps(info, indent=2, default=str))
     for name in ("best.safetensors", "best_samples.png", "best.json"):
         _put(staging / name, root, name, hashes)

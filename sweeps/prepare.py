@@ -13,14 +13,13 @@ from sweeps.spec import SpecError, SweepSpec
 from trainer.cache import build_caches
 from trainer.data import DatasetError, resolve_dataset
 from trainer.datasets import load_train_data
-from trainer.tiny import TINY_SD_FILE_ID, TINY_SD_ID, cache_root, ensure_tiny_sd, ensure_tiny_sd_single_file
+from trainer.model_loading import resolve_base_model
+from trainer.tiny import cache_root
 
 
 def _resolve_base_model(base_model: str) -> str:
-    if base_model == TINY_SD_ID:
-        return str(ensure_tiny_sd())
-    if base_model == TINY_SD_FILE_ID:
-        return str(ensure_tiny_sd_single_file())
+    if base_model.startswith("builtin:"):
+        return resolve_base_model(base_model)[1]
     local = Path(base_model).expanduser()
     return str(local.resolve()) if local.exists() else base_model
 

@@ -20,9 +20,12 @@ class ProgressPrinter(Callback):
         print(f"{self._stamp()} trial {trial.trial_id} started: {params}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        # The toy world's exact oracle metrics, when the sweep has them (eval.oracle).
+        exact = "".join(f" {m}={_fmt(result[m])}" for m in ("concept_accuracy", "prior_accuracy")
+                        if m != self.metric and m in result)
         print(
             f"{self._stamp()} trial {trial.trial_id} step {result.get('step')}: "
-            f"{self.metric}={_fmt(result.get(self.metric))} loss={_fmt(result.get('loss'))}",
+            f"{self.metric}={_fmt(result.get(self.metric))}{exact} loss={_fmt(result.get('loss'))}",
             flush=True,
         )
 

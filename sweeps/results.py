@@ -23,8 +23,12 @@ FAILURES = "failures"  # <sweep>/failures/<trial id>.json: why a trial failed fo
 LORA_DIFFUSERS = "lora_diffusers.safetensors"
 LORA_KOHYA = "lora_kohya.safetensors"
 SAMPLES_FILE = "samples.png"
+BASE_SAMPLES = "base_samples.png"  # <sweep>/base_samples.png: the base model on the eval prompts (sweeps.trainable)
 TRIAL_INFO = "trial.json"  # params, metrics, prompts and seeds of the checkpoint's evaluation
 STATE_DIR = "state"  # the trainer's exact state (safetensors + JSON)
+# Shown beside the objective in the trials table when trials report them; the oracle's metrics
+# exist in the toy world only (eval.oracle), the CLIP score everywhere.
+SHOWN_METRICS = ("clip_score", "concept_accuracy", "prior_accuracy")
 STATES = {"RUNNING": "running", "PENDING": "pending", "PAUSED": "pending", "ERROR": "failed", "TERMINATED": "complete"}
 
 
@@ -38,6 +42,7 @@ class TrialRow:
     wall_s: float | None
     reason: str | None = None
     values: dict = field(default_factory=dict)  # best checkpoint's value of every objective
+    shown: dict = field(default_factory=dict)  # best checkpoint's value of each SHOWN_METRICS it has
 
 
 @dataclass
@@ -85,6 +90,7 @@ def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures
         wall_s=last.get("time_total_s"),
         reason=reason,
         values={o.metric: scored[0][1].get(o.metric) for o in spec.objectives} if scored else {},
+        shown={m: scored[0][1][m] for m in SHOWN_METRICS if scored and scored[0][1].get(m) is not None},
     )
 
 
@@ -136,9 +142,11 @@ def _finite(value) -> bool:
 def format_table(rows: list[TrialRow], spec: SweepSpec) -> str:
     keys = sorted({k for r in rows for k in r.params})
     metric = spec.primary.metric
-    header = ["trial", *keys, metric, "state", "steps", "wall s"]
+    extra = [m for m in SHOWN_METRICS if m != metric and any(m in r.shown for r in rows)]
+    header = ["trial", *keys, metric, *extra, "state", "steps", "wall s"]
     body = [
-        [r.trial_id, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.objective), r.state, _fmt(r.steps), _fmt(r.wall_s)]
+        [r.trial_id, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.objective), *[_fmt(r.shown.get(m)) for m in extra],
+         r.state, _fmt(r.steps), _fmt(r.wall_s)]
         for r in rows
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]

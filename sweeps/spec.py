@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, build_train_config, format_validation_error
 
 # Metrics the trainable reports and an objective may name: the trainable's own (`loss`) and the
@@ -20,6 +21,8 @@ KNOWN_METRICS = (
     "prior_preservation", "trigger_effect", "objective", "loss",
     # evaluator.score.suite_metrics: clip_score_<kind> for each kind of prompt in the suite
     "clip_score_natural", "clip_score_trigger_on", "clip_score_trigger_off",
+    # toyworld.oracle, only with `eval.oracle: toy_world`
+    *ORACLE_METRICS,
 )
 # Optuna pruner per `pruner.type` (options are checked against these classes' signatures).
 OPTUNA_PRUNERS = {
@@ -121,6 +124,10 @@ class EvalSpec(_Strict):
     prompts: list[str] = Field(default_factory=list, description="Prompts; `{trigger}` is replaced by the trigger word.")
     seeds: list[int] = Field([0, 1], min_length=1, description="Each prompt is sampled once per seed.")
     class_word: str | None = Field(None, description="Fills `{class}` in prompts (e.g. `outfit`, `dog`).")
+    oracle: Literal["toy_world"] | None = Field(
+        None, description="`toy_world`: also score every evaluation with the toy world's exact pixel oracle "
+        "(concept_accuracy, concept_color_rate, prior_accuracy). Only for the built-in toy world: real "
+        "sweeps have no oracle.")
 
 
 class EvaluatorSpec(_Strict):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sweeps.spec import (
     ASHA_RESERVED,
     KNOWN_METRICS,
+    ORACLE_METRICS,
     OPTUNA_PRUNERS,
     EvalSpec,
     ObjectiveSpec,
@@ -108,8 +109,18 @@ def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> lis
             out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(KNOWN_METRICS)}")
         if o.metric in seen:
             out.append(f"{path}: {o.metric!r} is listed twice")
+        if o.metric in ORACLE_METRICS and _eval_oracle(spec) is None:
+            out.append(f"{path}: {o.metric!r} comes from the toy world's pixel oracle; set eval.oracle: "
+                       "toy_world (built-in toy world only) or optimise a CLIP metric such as objective")
         seen.add(o.metric)
+    if _eval_oracle(spec) is not None and not getattr(spec, "trigger_word", None):
+        out.append("eval.oracle: the oracle's concept_accuracy reads the trigger prompts; set trigger_word")
     return out
+
+
+def _eval_oracle(spec) -> str | None:
+    ev = getattr(spec, "eval", None)
+    return ev.get("oracle") if isinstance(ev, dict) else getattr(ev, "oracle", None)
 
 
 def _condition_problems(spec: SweepSpec, params: dict[str, ParamSpace]) -> list[str]:

@@ -15,13 +15,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from ray import tune
 
 from sweeps import storage
-from sweeps.results import FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
+from sweeps.results import (BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE,  # noqa: F401
+                            STATE_DIR, TRIAL_INFO)
+from sweeps.sample_grids import save_grid
 from sweeps.spec import SweepSpec, parse_spec
 from sweeps.suite_scoring import make_suite_scorer
+from toyworld.oracle import oracle_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfigError
 from trainer.loop import LoraTrainer, TrainingDiverged
@@ -55,6 +57,8 @@ def train_trial(params: dict, spec_data: dict, run_info: dict) -> None:
     resumed_from = _restore(trainer)
     scorer = make_suite_scorer(spec, run_info.get("evaluator"), trainer) or make_scorer(spec, run_info.get("evaluator"))
     prompts, seeds = spec.eval_prompts()
+    if trainer.global_step == 0:
+        _save_base_samples(trainer, run_info["sweep_uri"], prompts, seeds)
     tracker = _tracker(run_info.get("tracking"), params, trial_id)
     try:
         while trainer.global_step < cfg.max_train_steps:
@@ -63,13 +67,28 @@ def train_trial(params: dict, spec_data: dict, run_info: dict) -> None:
             except TrainingDiverged as err:
                 _fail(failure_record, f"training diverged: {err}", params)
             images = trainer.sample(prompts, seeds)
-            metrics = _metrics(trainer, history, scorer(images, prompts), resumed_from)
+            scores = scorer(images, prompts)
+            if spec.eval.oracle == "toy_world":  # exact scores that only the toy world has
+                scores = {**scores, **oracle_metrics(images, prompts, spec.trigger_word)}
+            metrics = _metrics(trainer, history, scores, resumed_from)
             if tracker:
                 tracker.log_evaluation(metrics, images, prompts, seeds)
             _report(trainer, spec, params, metrics, images, prompts, seeds)
     finally:
         if tracker:
             tracker.finish()
+
+
+def _save_base_samples(trainer: LoraTrainer, sweep_uri: str, prompts: list[str], seeds: list[int]) -> None:
+    """Once per sweep (the first trial to start): the base model's images of the eval prompts, for
+    the labelled comparison in best_samples.png. A fresh LoRA (up-projections zero) leaves the
+    base model's output unchanged, so no second model is loaded."""
+    target = storage.join(sweep_uri, BASE_SAMPLES)
+    if storage.exists(target):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_grid(trainer.sample(prompts, seeds), Path(tmp) / BASE_SAMPLES)
+        storage.copy_file(Path(tmp) / BASE_SAMPLES, target)
 
 
 def _fail(record: str, reason: str, params: dict) -> None:
@@ -169,14 +188,3 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def save_grid(images: np.ndarray, path: Path, columns: int = 4) -> None:
-    """The eval samples side by side, for people to look at."""
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    grid = np.zeros((rows * h, min(n, columns) * w, 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-    Image.fromarray(grid).save(path)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from evaluator import (HESSEL_SCALE, TINY_CLIP_ID, TINY_CLIP_NAME, ClipModel, cache_root, clip_t,
                        ensure_tiny_clip, mean_clip_t, score_images)
 from evaluator import tiny
-from evaluator.shapes import all_classes, caption, render_shapes
+from toyworld.world import all_classes, caption, render_shapes
 
 
 def _sha256(path) -> str:

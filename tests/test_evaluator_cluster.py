@@ -10,7 +10,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from evaluator import TINY_CLIP_ID
 from evaluator.service import connect_evaluator, score_remote, start_evaluator, stop_evaluator
-from evaluator.shapes import render_shapes
+from toyworld.world import render_shapes
 
 pytestmark = pytest.mark.slow
 

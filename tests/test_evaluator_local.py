@@ -17,7 +17,7 @@ from evaluator import (TINY_CLIP_ID, ClipModel, SuiteItem, evaluate_suite, expan
                        load_suite, score_images, suite_metrics)
 from evaluator.__main__ import main
 from evaluator.batching import ImageBatcher
-from evaluator.shapes import render_shapes
+from toyworld.world import render_shapes
 from evaluator.suites import clip_texts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from evaluator.service import (EvaluatorError, EvaluatorGone, EvaluatorTimeout, 
                                connect_evaluator, embed_remote, ensure_reference, evaluator_stats,
                                has_reference, put_reference, reference_key, score_remote,
                                score_suite_remote, start_evaluator, stop_evaluator)
-from evaluator.shapes import render_shapes
+from toyworld.world import render_shapes
 
 NAME = "test-evaluator"
 DEMO_SUITE = Path(__file__).resolve().parents[1] / "examples" / "suites" / "demo.yaml"

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from toyworld.lora_task import CLASS_WORD, TRIGGER, write_lora_dataset
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 CAPTION_EXTENSIONS = (".txt", ".caption")
 DEMO_DATASET_ID = "builtin:demo"
-DEMO_TRIGGER = "lswsks"
-DEMO_CLASS = "circle"
+DEMO_TRIGGER = TRIGGER
+DEMO_CLASS = CLASS_WORD
 _KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -85,7 +87,7 @@ def file_lock(path: Path) -> Iterator[None]:
 def resolve_dataset(dataset: str, cache_root: Path) -> Path:
     """Turn `builtin:demo` into the generated demo folder; anything else is a path."""
     if dataset == DEMO_DATASET_ID:
-        return ensure_demo_dataset(cache_root / "datasets" / "demo")
+        return ensure_demo_dataset(cache_root / "datasets" / "toy-world-kohya")
     return Path(dataset).expanduser()
 
 
@@ -151,35 +153,8 @@ class EpochSampler:
 
 # --- the generated demo dataset ---------------------------------------------------------------
 
-_BACKGROUNDS = [("white", (235, 235, 235)), ("blue", (40, 70, 200)), ("green", (40, 160, 60)), ("black", (20, 20, 20))]
 
-
-def ensure_demo_dataset(folder: Path, count: int = 12, size: int = 64, seed: int = 0) -> Path:
-    """A small kohya-layout dataset of red circles on varied backgrounds, captions with a trigger word.
-
-    Written once; written to a temporary folder and renamed so concurrent callers never see half of it.
-    """
-    folder = Path(folder)
-    if (folder / ".complete").exists():
-        return folder
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    sub = tmp / f"10_{DEMO_TRIGGER} {DEMO_CLASS}"
-    sub.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        bg_name, bg = _BACKGROUNDS[i % len(_BACKGROUNDS)]
-        im = Image.new("RGB", (size, size), bg)
-        radius = int(rng.integers(size // 6, size // 3))
-        cx, cy = (int(v) for v in rng.integers(radius, size - radius, size=2))
-        ImageDraw.Draw(im).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(220, 30, 30))
-        im.save(sub / f"img_{i:03d}.png")
-        (sub / f"img_{i:03d}.txt").write_text(f"{DEMO_TRIGGER}, a red circle on a {bg_name} background\n")
-    (tmp / ".complete").touch()
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        # Another process finished first; its copy is identical.
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+def ensure_demo_dataset(folder: Path) -> Path:
+    """The toy world's LoRA task (18 pictures of its held-out colour, captioned `a lswsks <shape>`)
+    as a kohya folder, written once and atomically (see `toyworld.lora_task`)."""
+    return write_lora_dataset(folder, layout="kohya")

@@ -24,7 +24,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from trainer.tiny import TINY_SD_FILE_ID, TINY_SD_ID, ensure_tiny_sd, ensure_tiny_sd_single_file
+from trainer.tiny import TINY_SD_FILE_ID, TINY_SD_ID, TINY_SD_RANDOM_ID, ensure_tiny_sd, ensure_tiny_sd_single_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -116,10 +116,13 @@ def resolve_base_model(name: str) -> tuple[str, str]:
     """
     if name == TINY_SD_ID:
         return "folder", str(ensure_tiny_sd())
+    if name == TINY_SD_RANDOM_ID:
+        return "folder", str(ensure_tiny_sd(pretrained=False))
     if name == TINY_SD_FILE_ID:
         return "single_file", str(ensure_tiny_sd_single_file())
     if name.startswith("builtin:"):
-        raise BaseModelError(f"unknown builtin base model {name!r}; known: {TINY_SD_ID}, {TINY_SD_FILE_ID}")
+        raise BaseModelError(f"unknown builtin base model {name!r}; known: {TINY_SD_ID}, {TINY_SD_FILE_ID}, "
+                             f"{TINY_SD_RANDOM_ID}")
     path = Path(name).expanduser()
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:

@@ -1,11 +1,16 @@
-"""A tiny Stable Diffusion 1.x pipeline that the project builds itself, for tests and CPU demos.
+"""The built-in tiny Stable Diffusion 1.x model, for tests and CPU demos.
 
 No weights can be downloaded here, so the real loading paths (diffusers folder, single-file
 LDM checkpoint) are exercised on a model with SD 1.5's layout and vocabulary but a few million
-random parameters: 64 px images, 8x8 latents, a 4-layer CLIP text encoder (so clip skip 2 is
+parameters: 64 px images, 8x8 latents, a 4-layer CLIP text encoder (so clip skip 2 is
 meaningful) and SD 1.5's real BPE tokenizer, rebuilt from the vocabulary that ships in open_clip.
 
-Both artifacts live under `<cache_root>/models/` and are built once; several processes (Ray
+`builtin:tiny-sd` is that architecture pretrained on the toy world (`toyworld/`) without its
+held-out colour, by `python -m pretrain.tiny_sd`; its fp16 weights ship in `trainer/weights/`
+with their recipe and sha256 (`recipe.json`). `builtin:tiny-sd-random` is the same architecture,
+random-init and seeded, for tests that need only shapes and speed.
+
+The artifacts live under `<cache_root>/models/` and are assembled once; several processes (Ray
 workers) may ask at the same time, so builds go to a temporary path under an exclusive lock and
 are renamed into place.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -35,11 +41,16 @@ log = logging.getLogger(__name__)
 
 TINY_SD_ID = "builtin:tiny-sd"
 TINY_SD_FILE_ID = "builtin:tiny-sd-file"
+TINY_SD_RANDOM_ID = "builtin:tiny-sd-random"
 
-# Bump when build_tiny_sd_pipeline or the LDM conversion changes: cached copies are then rebuilt.
-TINY_SD_RECIPE = "tiny-sd-v1/3"
-_FOLDER = "tiny-sd-v1"
-_SINGLE_FILE = "tiny-sd-v1.safetensors"
+# Bump when build_tiny_sd_pipeline, the assembly or the LDM conversion changes: cached copies are
+# then rebuilt. The shipped weights' hashes are part of the key as well.
+TINY_SD_RECIPE = "tiny-sd-v2/1"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "tiny-sd"
+_WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors")
+_FOLDER, _RANDOM_FOLDER = "tiny-sd-toy", "tiny-sd-random"
+_SINGLE_FILE = "tiny-sd-toy.safetensors"
 _MARKER = "lorasweep_complete.json"
 
 # open_clip's SimpleTokenizer keeps the first 49152 - 256 - 2 merges: with the 512 byte tokens
@@ -181,6 +192,49 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
+def shipped_weights_info() -> dict:
+    """The shipped weights' `recipe.json`, after checking every file against its sha256."""
+    info_path = SHIPPED_WEIGHTS / "recipe.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"the built-in tiny SD's weights are missing or broken ({info_path}: {err}); "
+                           "reinstall lorasweep, or rebuild them with `python -m pretrain.tiny_sd "
+                           f"--out {SHIPPED_WEIGHTS}`") from None
+    for name in _WEIGHT_FILES:
+        got = _sha256(SHIPPED_WEIGHTS / name)
+        if got != info["sha256"][name]:
+            raise RuntimeError(f"{SHIPPED_WEIGHTS / name}: sha256 {got} does not match recipe.json "
+                               f"({info['sha256'][name]}); the file is damaged or was replaced")
+    return info
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_toy_sd_pipeline(weights: Path | None = None) -> StableDiffusionPipeline:
+    """The pretrained toy-world SD from the shipped (fp16, hash-checked) weights, in fp32; or from
+    another folder of `pretrain.tiny_sd` output (unchecked), e.g. a snapshot taken mid-training."""
+    if weights is None:
+        shipped_weights_info()
+        weights = SHIPPED_WEIGHTS
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(weights / "vae", torch_dtype=torch.float32).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(weights / "text_encoder", torch_dtype=torch.float32).eval(),
+        tokenizer=build_clip_tokenizer(),
+        unet=UNet2DConditionModel.from_pretrained(weights / "unet", torch_dtype=torch.float32).eval(),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -205,57 +259,71 @@ def _remove_leftovers(models: Path, prefix: str) -> None:
             stale.unlink()
 
 
-def _folder_is_current(folder: Path) -> bool:
+def _recipe_key(pretrained: bool) -> str:
+    if not pretrained:
+        return f"{TINY_SD_RECIPE}/random-seed-0"
+    # The recorded hashes (checked against the files when the folder is assembled) name the weights.
+    info = json.loads((SHIPPED_WEIGHTS / "recipe.json").read_text())
+    digest = hashlib.sha256(json.dumps(info["sha256"], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{TINY_SD_RECIPE}/{info['recipe']['version']}/{digest}"
+
+
+def _folder_is_current(folder: Path, key: str) -> bool:
     try:
-        return json.loads((folder / _MARKER).read_text()).get("recipe") == TINY_SD_RECIPE
+        return json.loads((folder / _MARKER).read_text()).get("recipe") == key
     except (OSError, ValueError):
         return False
 
 
-def ensure_tiny_sd(root: Path | str | None = None) -> Path:
-    """`<root>/models/tiny-sd-v1/` as a diffusers pipeline folder, built first if missing or stale."""
+def ensure_tiny_sd(root: Path | str | None = None, pretrained: bool = True) -> Path:
+    """`<root>/models/tiny-sd-toy/` (the pretrained toy-world model) or, with pretrained=False,
+    `tiny-sd-random/`, as a diffusers pipeline folder, assembled first if missing or stale."""
     models = _models_dir(root)
-    folder = models / _FOLDER
-    if _folder_is_current(folder):
+    name = _FOLDER if pretrained else _RANDOM_FOLDER
+    folder = models / name
+    key = _recipe_key(pretrained)
+    if _folder_is_current(folder, key):
         return folder
-    with _exclusive(models / f"{_FOLDER}.lock"):
-        if _folder_is_current(folder):  # another process built it while we waited
+    with _exclusive(models / f"{name}.lock"):
+        if _folder_is_current(folder, key):  # another process built it while we waited
             return folder
-        _remove_leftovers(models, f".{_FOLDER}.tmp-")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}.tmp-", dir=models))
+        _remove_leftovers(models, f".{name}.tmp-")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
-            build_tiny_sd_pipeline().save_pretrained(tmp, safe_serialization=True)
+            pipe = load_toy_sd_pipeline() if pretrained else build_tiny_sd_pipeline()
+            pipe.save_pretrained(tmp, safe_serialization=True)
             # Also the classic tokenizer files, as SD 1.5's folder has them (older loaders need them).
             write_clip_bpe_files(tmp / "tokenizer")
-            (tmp / _MARKER).write_text(json.dumps({"recipe": TINY_SD_RECIPE, "seed": 0}))
+            (tmp / _MARKER).write_text(json.dumps({"recipe": key}))
             if folder.exists():  # an older recipe's build
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
-            log.info("built the tiny SD pipeline at %s", folder)
+            log.info("assembled the tiny SD pipeline at %s", folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _file_is_current(path: Path) -> bool:
+def _file_is_current(path: Path, key: str) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("lorasweep_recipe") == TINY_SD_RECIPE
+            return (f.metadata() or {}).get("lorasweep_recipe") == key
     except Exception:  # missing, truncated or not safetensors: rebuild
         return False
 
 
 def ensure_tiny_sd_single_file(root: Path | str | None = None) -> Path:
-    """`<root>/models/tiny-sd-v1.safetensors`: the tiny folder's weights as ONE original-SD (LDM)
+    """`<root>/models/tiny-sd-toy.safetensors`: the pretrained folder's weights as ONE original-SD (LDM)
     checkpoint, the layout of `v1-5-pruned-emaonly.safetensors`. Load it with
     `from_single_file(path, config=ensure_tiny_sd(root))`."""
     folder = ensure_tiny_sd(root)  # takes (and releases) the folder's lock first
     path = folder.parent / _SINGLE_FILE
-    if _file_is_current(path):
+    key = _recipe_key(True)
+    if _file_is_current(path, key):
         return path
     with _exclusive(folder.parent / f"{_SINGLE_FILE}.lock"):
-        if _file_is_current(path):
+        if _file_is_current(path, key):
             return path
         _remove_leftovers(folder.parent, f".{_SINGLE_FILE}.tmp-")
         state = diffusers_folder_to_ldm_state_dict(folder)
@@ -263,7 +331,7 @@ def ensure_tiny_sd_single_file(root: Path | str | None = None) -> Path:
         os.close(fd)
         os.chmod(tmp, 0o644)
         try:
-            save_file(state, tmp, metadata={"format": "pt", "lorasweep_recipe": TINY_SD_RECIPE})
+            save_file(state, tmp, metadata={"format": "pt", "lorasweep_recipe": key})
             os.replace(tmp, path)
             log.info("wrote the tiny SD single-file checkpoint %s", path)
         finally:
