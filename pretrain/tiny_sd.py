@@ -30,7 +30,7 @@ from diffusers.training_utils import compute_snr
 
 from toyworld.world import HELD_OUT_COLOR, KNOWN_COLORS, render_world
 from trainer.prompts import encode_token_ids, tokenize
-from trainer.tiny import SD15_SCHEDULER_CONFIG, build_tiny_sd_pipeline
+from trainer.tiny import SD15_SCHEDULER_CONFIG, build_tiny_sd_pipeline, load_toy_sd_pipeline
 
 log = logging.getLogger("pretrain.tiny_sd")
 
@@ -175,19 +175,30 @@ def _save(pipe, out: Path) -> None:
         getattr(pipe, name).save_pretrained(out / name, safe_serialization=True)
 
 
-def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snapshot_every: int = 0) -> dict:
-    """Run the recipe and save the pipeline's weights and configs (fp16) under `out`."""
+def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snapshot_every: int = 0,
+             continue_from: Path | None = None) -> dict:
+    """Run the recipe and save the pipeline's weights and configs (fp16) under `out`.
+
+    With `continue_from` (an earlier output folder) the VAE is kept and the UNet and text encoder
+    train `recipe["unet"]["steps"]` more steps from those weights; recipe.json then records both."""
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
     torch.manual_seed(recipe["seed"])
-    pipe = build_tiny_sd_pipeline(seed=recipe["seed"])
     pixels, captions = world_data(recipe)
-    vae_losses = train_vae(pipe.vae, pixels, recipe["vae"], recipe["seed"] + 1)
+    vae_losses = []
+    if continue_from is None:
+        pipe = build_tiny_sd_pipeline(seed=recipe["seed"])
+        vae_losses = train_vae(pipe.vae, pixels, recipe["vae"], recipe["seed"] + 1)
+    else:
+        pipe = load_toy_sd_pipeline(continue_from)
+        earlier = json.loads((continue_from / "recipe.json").read_text())
+        recipe = {**recipe, "vae": "kept", "continued_from": earlier}
     vae_min = (time.perf_counter() - start) / 60
     latents = encode_latents(pipe.vae, pixels)
-    # As SD did: scale latents to unit variance for the diffusion model.
-    pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    if continue_from is None:
+        # As SD did: scale latents to unit variance for the diffusion model.
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * pipe.vae.config.scaling_factor
 
     def snapshot(step, ema_unet, ema_te):
@@ -196,7 +207,8 @@ def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snaps
         snap.text_encoder.load_state_dict(ema_te.state_dict())
         _save(snap, out / "snapshots" / f"step_{step}")
 
-    unet_losses, ema_unet, ema_te = train_unet(pipe, latents, captions, recipe["unet"], recipe["seed"] + 2,
+    seed = recipe["seed"] + 2 + (len(_chain(recipe)) - 1) * 1000  # a continuation draws new batches
+    unet_losses, ema_unet, ema_te = train_unet(pipe, latents, captions, recipe["unet"], seed,
                                                on_snapshot=snapshot, snapshot_every=snapshot_every)
     pipe.unet.load_state_dict(ema_unet)
     pipe.text_encoder.load_state_dict(ema_te)
@@ -207,7 +219,7 @@ def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snaps
         "wall_minutes": round(minutes, 1),
         "vae_wall_minutes": round(vae_min, 1),
         "threads": torch.get_num_threads(),
-        "vae_final_loss": float(np.mean(vae_losses[-100:])),
+        "vae_final_loss": float(np.mean(vae_losses[-100:])) if vae_losses else None,
         "unet_final_loss": float(np.mean(unet_losses[-100:])),
         "sha256": {f: sha256(out / f) for f in WEIGHT_FILES},
     }
@@ -215,10 +227,20 @@ def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snaps
     return info
 
 
+def _chain(recipe: dict) -> list[dict]:
+    """This recipe and the ones it continued, newest first."""
+    out = [recipe]
+    while "continued_from" in out[-1] and "recipe" in out[-1]["continued_from"]:
+        out.append(out[-1]["continued_from"]["recipe"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the weights and recipe.json")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--continue-from", type=Path, default=None, help="an earlier --out folder: train its UNet and "
+                   "text encoder --unet-steps more steps (the VAE is kept)")
     p.add_argument("--snapshot-every", type=int, default=0, help="save EMA weights every N UNet steps")
     p.add_argument("--vae-steps", type=int, default=None, help="override the recipe (for a quick try)")
     p.add_argument("--unet-steps", type=int, default=None, help="override the recipe (for a quick try)")
@@ -229,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe["vae"]["steps"] = args.vae_steps
     if args.unet_steps is not None:
         recipe["unet"]["steps"] = args.unet_steps
-    info = pretrain(args.out, recipe, args.threads, args.snapshot_every)
+    info = pretrain(args.out, recipe, args.threads, args.snapshot_every, args.continue_from)
     print(json.dumps({k: v for k, v in info.items() if k != "recipe"}, indent=2))
 
 

@@ -15,12 +15,16 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 
 from trainer.model_loading import BaseModelError, BaseModelNotFoundError, load_sd_components
+from trainer import tiny
 from trainer.tiny import (
     TINY_SD_FILE_ID,
     TINY_SD_ID,
+    TINY_SD_RANDOM_ID,
     build_tiny_sd_pipeline,
     ensure_tiny_sd,
     ensure_tiny_sd_single_file,
+    load_toy_sd_pipeline,
+    shipped_weights_info,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +85,7 @@ def test_vae_costs_what_sd15s_does_next_to_its_unet():
 def test_folder_round_trip_and_sampling(tiny_sd_dir, folder_pipe):
     assert (tiny_sd_dir / "model_index.json").is_file()
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (tiny_sd_dir / "tokenizer").iterdir()}
-    assert_same_weights(folder_pipe, build_tiny_sd_pipeline())
+    assert_same_weights(folder_pipe, load_toy_sd_pipeline())
     assert folder_pipe.safety_checker is None
     folder_pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
@@ -154,7 +158,7 @@ def test_load_sd_components_builtins(folder_pipe):
     folder, single = load_sd_components(TINY_SD_ID), load_sd_components(TINY_SD_FILE_ID)
     assert_same_weights(single, folder_pipe)
     assert_same_weights(folder, folder_pipe)
-    for comps, source in ((folder, "tiny-sd-v1"), (single, "tiny-sd-v1.safetensors")):
+    for comps, source in ((folder, "tiny-sd-toy"), (single, "tiny-sd-toy.safetensors")):
         assert Path(comps.source).name == source
         assert isinstance(comps.noise_scheduler, DDPMScheduler)
         assert comps.noise_scheduler.config.prediction_type == "epsilon"
@@ -238,13 +242,13 @@ def test_concurrent_builds_do_not_corrupt(tmp_path):
     """Two processes enter ensure_tiny_sd together on an empty cache (and a crashed build left a
     temporary folder): both get the same complete folder."""
     models = tmp_path / "models"
-    (models / ".tiny-sd-v1.tmp-crashed").mkdir(parents=True)
+    (models / ".tiny-sd-toy.tmp-crashed").mkdir(parents=True)
     code = (
         "import sys; from trainer.tiny import ensure_tiny_sd; print('ready', flush=True); "
         "print(ensure_tiny_sd(sys.argv[1]))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    with open(models / "tiny-sd-v1.lock", "a") as lock:
+    with open(models / "tiny-sd-toy.lock", "a") as lock:
         # Hold the build lock until both have imported, so that they really race for it.
         fcntl.flock(lock, fcntl.LOCK_EX)
         cmd = [sys.executable, "-c", code, str(tmp_path)]
@@ -254,8 +258,39 @@ def test_concurrent_builds_do_not_corrupt(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_UN)
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
-    folder = models / "tiny-sd-v1"
+    folder = models / "tiny-sd-toy"
     assert outs == [str(folder)] * 2
-    assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == ["tiny-sd-v1"]
-    assert_same_weights(StableDiffusionPipeline.from_pretrained(folder), build_tiny_sd_pipeline())
+    assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == ["tiny-sd-toy"]
+    assert_same_weights(StableDiffusionPipeline.from_pretrained(folder), load_toy_sd_pipeline())
     assert ensure_tiny_sd(tmp_path) == folder  # found, not rebuilt
+
+
+def test_shipped_weights_match_their_recorded_hashes_and_are_small():
+    info = shipped_weights_info()  # raises on any mismatch
+    files = [tiny.SHIPPED_WEIGHTS / name for name in info["sha256"]]
+    assert len(files) == 3 and sum(f.stat().st_size for f in files) < 20 * 2**20
+    assert info["recipe"]["world"]["held_out"] not in info["recipe"]["world"]["colors"]
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
+    copy = tmp_path / "tiny-sd"
+    shutil.copytree(tiny.SHIPPED_WEIGHTS, copy)
+    target = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last weight
+    target.write_bytes(bytes(data))
+    monkeypatch.setattr(tiny, "SHIPPED_WEIGHTS", copy)
+    with pytest.raises(RuntimeError, match=r"unet/diffusion_pytorch_model.safetensors: sha256 .* does not match"):
+        ensure_tiny_sd(tmp_path / "cache")
+
+
+def test_random_builtin_is_the_seeded_architecture(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASWEEP_CACHE", str(tmp_path))
+    comps = load_sd_components(TINY_SD_RANDOM_ID)
+    random = build_tiny_sd_pipeline()
+    for name in MODELS:
+        for key, value in getattr(random, name).state_dict().items():
+            assert torch.equal(getattr(comps, name).state_dict()[key], value), f"{name}.{key}"
+    pretrained = load_toy_sd_pipeline()
+    assert not torch.equal(pretrained.unet.conv_in.weight, random.unet.conv_in.weight)
+    assert pretrained.vae.config.scaling_factor != random.vae.config.scaling_factor
