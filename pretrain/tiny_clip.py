@@ -46,6 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    tiny.register_tiny_clip()
     start = time.perf_counter()
     state = tiny.build_tiny_clip_state()
     minutes = (time.perf_counter() - start) / 60

@@ -4,11 +4,16 @@
 
 The recipe (every number below, the seed and the world) is written next to the weights as
 `recipe.json`, with the sha256 of each weight file. Two phases, as SD was made:
-1. the VAE learns to reconstruct the world's pictures (MSE + a small KL term);
+1. the VAE learns to reconstruct the whole world's pictures, the held-out colour included (MSE +
+   a small KL term): like SD's, it is a generic codec; one that never saw the held-out colour
+   cannot decode it, which would make the LoRA task impossible;
 2. the UNet and the text encoder learn to denoise the VAE's latents jointly (epsilon
    prediction, min-SNR weighting, caption dropout so that classifier-free guidance works),
    with an EMA of both; the EMA weights are shipped. The text encoder is frozen afterwards,
    for LoRA training, as in SD.
+
+`--continue-from DIR` trains phase 2 further from an earlier output (its VAE kept); recipe.json
+then chains the recipes.
 """
 
 from __future__ import annotations
@@ -34,13 +39,13 @@ from trainer.tiny import SD15_SCHEDULER_CONFIG, build_tiny_sd_pipeline, load_toy
 
 log = logging.getLogger("pretrain.tiny_sd")
 
-RECIPE_VERSION = "toy-sd-1"
+RECIPE_VERSION = "toy-sd-2"
 RECIPE = {
     "version": RECIPE_VERSION,
     "seed": 0,
     "world": {"images": 6000, "seed": 101, "colors": list(KNOWN_COLORS), "held_out": HELD_OUT_COLOR,
               "background_in_caption": 0.5, "color_dropped_from_caption": 0.1},
-    "vae": {"steps": 2500, "batch": 16, "lr": 2e-3, "kl_weight": 1e-6, "warmup": 50},
+    "vae": {"steps": 5000, "batch": 16, "lr": 2e-3, "kl_weight": 1e-6, "warmup": 50, "images": 6000, "seed": 202},
     "unet": {"steps": 5000, "batch": 64, "lr": 1e-3, "text_encoder_lr": 5e-4, "warmup": 100,
              "caption_dropout": 0.1, "snr_gamma": 5.0, "ema_decay": 0.999, "final_lr_fraction": 0.1},
 }
@@ -90,6 +95,11 @@ def train_vae(vae, pixels: torch.Tensor, cfg: dict, seed: int) -> list[float]:
             log.info("vae step %d/%d loss %.4f", step, cfg["steps"], np.mean(losses[-100:]))
     vae.eval().requires_grad_(False)
     return losses
+
+
+def whole_world_pixels(cfg: dict) -> torch.Tensor:
+    images, _, _ = render_world(cfg["images"], cfg["seed"])  # every colour, the held-out one included
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 @torch.no_grad()
@@ -189,7 +199,7 @@ def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snaps
     vae_losses = []
     if continue_from is None:
         pipe = build_tiny_sd_pipeline(seed=recipe["seed"])
-        vae_losses = train_vae(pipe.vae, pixels, recipe["vae"], recipe["seed"] + 1)
+        vae_losses = train_vae(pipe.vae, whole_world_pixels(recipe["vae"]), recipe["vae"], recipe["seed"] + 1)
     else:
         pipe = load_toy_sd_pipeline(continue_from)
         earlier = json.loads((continue_from / "recipe.json").read_text())

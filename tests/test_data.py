@@ -8,13 +8,13 @@ from trainer.data import DEMO_TRIGGER, DatasetError, EpochSampler, ensure_demo_d
 def test_demo_dataset_is_kohya_layout_with_trigger(tmp_path):
     root = ensure_demo_dataset(tmp_path / "demo")
     subdirs = [d.name for d in root.iterdir() if d.is_dir()]
-    assert subdirs == [f"10_{DEMO_TRIGGER} circle"]
+    assert subdirs == [f"5_{DEMO_TRIGGER} shape"]
     images = sorted((root / subdirs[0]).glob("*.png"))
-    assert 8 <= len(images) <= 16
+    assert 12 <= len(images) <= 24
     for im in images:
-        assert im.with_suffix(".txt").read_text().startswith(DEMO_TRIGGER)
+        assert im.with_suffix(".txt").read_text().startswith(f"a {DEMO_TRIGGER} ")
     examples = load_kohya_folder(root)
-    assert len(examples) == 10 * len(images), "each image repeated as the folder prefix says"
+    assert len(examples) == 5 * len(images), "each image repeated as the folder prefix says"
 
 
 def test_missing_caption_falls_back_to_class_tokens(tmp_path):

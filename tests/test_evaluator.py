@@ -106,6 +106,24 @@ def test_tiny_clip_build_is_deterministic(tiny_cache, tmp_path):
     assert _sha256(first) == _sha256(second)
 
 
+def test_tiny_clip_training_is_bit_identical_across_runs():
+    a, b = tiny.build_tiny_clip_state(steps=3), tiny.build_tiny_clip_state(steps=3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    init = tiny.build_tiny_clip_state(steps=0)
+    assert not torch.equal(a["visual.conv1.weight"], init["visual.conv1.weight"])  # it trained
+
+
+def test_shipped_tiny_clip_matches_its_hash_and_judges_the_whole_world():
+    from pretrain.tiny_clip import zero_shot_accuracy
+
+    state = tiny.shipped_tiny_clip_state()  # None unless recipe and sha256 match
+    assert state is not None
+    acc, per_class = zero_shot_accuracy(state)
+    assert acc >= 0.95, per_class
+    assert min(per_class.values()) >= 0.85, per_class  # the held-out colour included
+    assert json.loads(tiny.SHIPPED_INFO.read_text())["zero_shot_accuracy"] == pytest.approx(acc, abs=0.01)
+
+
 def test_cache_root_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("LORASWEEP_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
@@ -126,6 +144,7 @@ def test_ensure_builds_once_under_concurrency_and_rebuilds_stale(monkeypatch, tm
         return _fake_state()
 
     monkeypatch.setattr(tiny, "build_tiny_clip_state", slow_build)
+    monkeypatch.setattr(tiny, "shipped_tiny_clip_state", lambda: None)  # as when no shipped file fits
     threads = [threading.Thread(target=ensure_tiny_clip, args=(tmp_path,)) for _ in range(4)]
     for t in threads:
         t.start()

@@ -73,6 +73,7 @@ def _spec(pruner: dict, num_trials: int = 10, **search):
         space={"learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
                "rank": {"type": "choice", "values": [2, 4, 8]}},
         eval={"interval": 10, "prompts": ["{trigger}, a red circle"]},
+        objective={"metric": "clip_score", "mode": "max"},
         search={"sampler": "tpe", "num_trials": num_trials, "max_concurrent": 4, "seed": 3, **search},
         pruner=pruner,
         resources={"cpus_per_trial": 1, "gpus_per_trial": 0.5},

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _spec(space: dict, **over):
     data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
-    data.update(name="search-test", space=space, pruner={"type": "none"},
+    data["eval"]["suite"] = str(ROOT / "examples" / data["eval"]["suite"])  # as load_spec resolves it
+    data.update(name="search-test", space=space, pruner={"type": "none"}, objective={"metric": "clip_score", "mode": "max"},
                 search={"sampler": "random", "num_trials": 40, "max_concurrent": 40, "seed": 7})
     data.update(over)
     return parse_spec(data, "test")

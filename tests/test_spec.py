@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _base(**over):
     data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    data["eval"]["suite"] = str(ROOT / "examples" / data["eval"]["suite"])  # as load_spec resolves it
     data.update(over)
     return data
 
@@ -95,11 +96,11 @@ def test_space_and_train_problems_reported_together():
 def test_overrides_and_trigger_substitution(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text((ROOT / "examples" / "demo.yaml").read_text())
-    spec = load_spec(path, ["search.num_trials=3", "train.max_train_steps=7"])
+    ev = '{interval: 5, prompts: ["{trigger}, a red circle", "a {trigger} square"], seeds: [0, 3]}'
+    spec = load_spec(path, ["search.num_trials=3", "train.max_train_steps=7", f"eval={ev}"])
     assert spec.search.num_trials == 3 and spec.train["max_train_steps"] == 7
     prompts, seeds = spec.eval_prompts()
-    assert all(p.startswith("lswsks, ") for p in prompts)
-    assert len(prompts) == len(seeds) == len(spec.eval.prompts) * len(spec.eval.seeds)
+    assert prompts == ["lswsks, a red circle"] * 2 + ["a lswsks square"] * 2 and seeds == [0, 3, 0, 3]
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -167,6 +168,17 @@ def test_objective_metrics_and_multi_objective():
     spec = parse_spec(_base(objective=two, search={"sampler": "nsga2", "num_trials": 8}, pruner={"type": "none"}))
     assert [o.metric for o in spec.objectives] == ["clip_score", "prior_preservation"]
     assert "objective[1].metric: 'clip_score' is listed twice" in _problems(objective=[two[0], two[0]], pruner={"type": "none"})
+
+
+def test_oracle_metrics_need_the_toy_world_oracle():
+    ev = {"interval": 50, "prompts": ["a {trigger} circle"]}
+    text = _problems(eval=ev, objective={"metric": "concept_accuracy", "mode": "max"})
+    assert "objective.metric: 'concept_accuracy' comes from the toy world's pixel oracle; set eval.oracle" in text
+    spec = parse_spec(_base(objective={"metric": "concept_accuracy", "mode": "max"}))
+    assert spec.eval.oracle == "toy_world"
+    assert "eval.oracle: the oracle's concept_accuracy reads the trigger prompts; set trigger_word" in _problems(
+        trigger_word=None, eval={**ev, "prompts": ["a circle"], "oracle": "toy_world"})
+    assert "eval.oracle:" in _problems(eval={**ev, "oracle": "pixels"})
 
 
 def test_resources_fractions():

@@ -47,6 +47,7 @@ def test_training_images_are_the_dataset_images(suite_setup):
 def test_plain_prompt_specs_use_no_suite(suite_setup, tiny_sd_dir, demo_dataset):
     _, trainer = suite_setup
     data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    data["eval"] = {"interval": 10, "prompts": ["a {trigger} circle"], "seeds": [0]}
     assert make_suite_scorer(parse_spec(data, "demo"), None, trainer) is None
 
 

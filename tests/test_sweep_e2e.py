@@ -17,7 +17,7 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     cmd = [
         sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(ROOT / "examples" / "demo.yaml"),
         "--set", f"storage={tmp_path}", "--set", "search.num_trials=3",
-        "--set", "train.max_train_steps=10", "--set", "eval.interval=5", "--set", "eval.seeds=[0]",
+        "--set", "train.max_train_steps=10", "--set", "eval.interval=5",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -35,14 +35,27 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     assert manifest["sha256"]["best.safetensors"] == hashlib.sha256(best.read_bytes()).hexdigest()
     with safe_open(str(out_dir / manifest["entries"][0]["files"]["diffusers"]), "pt") as f:
         assert all(k.startswith("unet.") for k in f.keys())
-    assert set(info["params"]) == {"learning_rate", "rank"}
-    assert info["objective"]["metric"] == "clip_score" and info["objective"]["value"] >= 0
-    # The table lists all three trials, and the winner has the table's best score.
+    assert set(info["params"]) == {"learning_rate", "rank", "lr_scheduler"}
+    assert info["objective"]["metric"] == "objective"
+    # The toy world's oracle metrics are reported beside the CLIP ones.
+    assert 0 <= info["metrics"]["concept_accuracy"] <= 1 and 0 <= info["metrics"]["prior_accuracy"] <= 1
+    # The table lists all three trials with the oracle's columns, and the winner has its best score.
     # (the demo's median pruner may stop the third trial early: "pruned")
+    header = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("trial "))
+    assert header[-7:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "state", "steps", "wall"]
     table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 4 and ln.split()[-3] in ("complete", "pruned")]
     assert len(table) == 3, proc.stdout
-    scores = [float(ln.split()[-4]) for ln in table]
+    scores = [float(ln.split()[-7]) for ln in table]
     assert info["objective"]["value"] == pytest.approx(max(scores), rel=1e-3)
+    # best_samples.png: labelled rows for the base model, the winner and the worst trial.
+    from PIL import Image
+
+    from sweeps.sample_grids import read_grid
+    assert (out_dir / "base_samples.png").is_file()
+    base = read_grid(out_dir / "base_samples.png", len(info["prompts"]))
+    assert base.shape == (len(info["prompts"]), 64, 64, 3)
+    with Image.open(out_dir / "best_samples.png") as im:
+        assert im.height > 3 * 128 and im.width > 10 * 128
 
 
 @pytest.mark.slow
@@ -59,7 +72,7 @@ def test_four_trials_two_at_a_time_on_logical_gpus_with_median_pruner(tmp_path):
     spec = prepare_sweep(load_spec(ROOT / "examples" / "demo.yaml", [
         f"storage={tmp_path}", "search.num_trials=4", "search.max_concurrent=4", "search.sampler=tpe",
         "resources.gpus_per_trial=1", "resources.cpus_per_trial=0.5", "train.max_train_steps=8",
-        "eval.interval=4", "eval.seeds=[0]", "pruner.type=median", "pruner.options={n_startup_trials: 1}"]))
+        "eval.interval=4", "pruner.type=median", "pruner.options={n_startup_trials: 1}"]))
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     try:
         run_sweep(spec)
