@@ -36,15 +36,17 @@ def judge_prompts(seeds: list[int] = HELD_OUT_SEEDS) -> tuple[list[str], list[in
 def run(values: dict, eval_every: int, seeds: list[int]) -> list[dict]:
     trainer = LoraTrainer(build_train_config(values))
     prompts, seeds = judge_prompts(seeds)
-    out, start = [], time.perf_counter()
-    while trainer.global_step < trainer.cfg.max_train_steps:
-        history = trainer.train(eval_every)
+    out, start, history = [], time.perf_counter(), []
+    while True:  # step 0 first: the base model, as a fresh LoRA leaves it unchanged
         images = trainer.sample(prompts, seeds)
-        row = {"step": trainer.global_step, "loss": round(sum(h["loss"] for h in history) / len(history), 4),
+        loss = round(sum(h["loss"] for h in history) / len(history), 4) if history else None
+        row = {"step": trainer.global_step, "loss": loss,
                **{k: round(v, 3) for k, v in oracle_metrics(images, prompts, TRIGGER).items()},
                "wall_s": round(time.perf_counter() - start, 1)}
         out.append(row)
-    return out
+        if trainer.global_step >= trainer.cfg.max_train_steps:
+            return out
+        history = trainer.train(eval_every)
 
 
 def main() -> None:

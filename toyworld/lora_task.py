@@ -43,8 +43,21 @@ def concept_images(count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
     return images, captions
 
 
+def prior_images(count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """`count` pictures of the known colours with their own captions (`a red circle`): kept in the
+    LoRA's data so that it learns what the trigger word changes, not "everything is cyan"."""
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for i in range(count):
+        color, shape = KNOWN_COLORS[i % len(KNOWN_COLORS)], SHAPES[(i // len(KNOWN_COLORS)) % len(SHAPES)]
+        scene = random_scene(rng, color, shape)
+        images.append(draw(rng, scene))
+        captions.append(caption(color, shape, scene.background if i % 2 else None))
+    return images, captions
+
+
 def write_lora_dataset(folder: str | Path, layout: str = "kohya", count: int = 18, repeats: int = 5,
-                       seed: int = 0, class_count: int = 12) -> Path:
+                       seed: int = 0, class_count: int = 12, prior_count: int = 15, prior_repeats: int = 2) -> Path:
     """Write the task's dataset to `folder` once (atomically: concurrent callers see all or none).
 
     kohya: `<folder>/<repeats>_lswsks shape/img_000.png` + `.txt`; imagefolder: images and
@@ -65,6 +78,12 @@ def write_lora_dataset(folder: str | Path, layout: str = "kohya", count: int = 1
         for i, (im, text) in enumerate(zip(images, captions)):
             Image.fromarray(im).save(sub / f"img_{i:03d}.png")
             (sub / f"img_{i:03d}.txt").write_text(text + "\n")
+        if prior_count:
+            known = tmp / f"{prior_repeats}_{CLASS_WORD}"
+            known.mkdir()
+            for i, (im, text) in enumerate(zip(*prior_images(prior_count, seed + 2))):
+                Image.fromarray(im).save(known / f"prior_{i:03d}.png")
+                (known / f"prior_{i:03d}.txt").write_text(text + "\n")
     elif layout == "imagefolder":
         tmp.mkdir(parents=True)
         lines = []
