@@ -44,3 +44,28 @@ def test_no_source_file_outside_the_service_names_ray_or_wandb():
                 if words[:1] in (["import"], ["from"]) and words[1].split(".")[0] in ("ray", "wandb"):
                     offenders.append(f"{path.relative_to(ROOT)}: {line.strip()}")
     assert offenders == []
+
+
+def _imported_top_packages(package: str) -> set[str]:
+    """First names of every module that `package`'s own sources import (read, not run)."""
+    import ast
+
+    found = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_toyworld_is_a_leaf_and_nothing_imports_pretrain():
+    """The toy world is used by trainer/, evaluator/ and sweeps/ and uses none of them; the
+    pretraining scripts sit above trainer/ and evaluator/, and no package imports them."""
+    ours = {"trainer", "evaluator", "sweeps", "toyworld", "pretrain"}
+    assert _imported_top_packages("toyworld") & ours == {"toyworld"}
+    for package in ("trainer", "evaluator", "sweeps", "toyworld"):
+        assert "pretrain" not in _imported_top_packages(package), package
+    assert "evaluator" not in _imported_top_packages("trainer")
+    assert "trainer" not in _imported_top_packages("evaluator")
