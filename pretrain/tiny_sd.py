@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from toyworld.world import HELD_OUT_COLOR, KNOWN_COLORS, render_world
+from trainer.checkpoint import sha256_file
 from trainer.prompts import encode_token_ids, tokenize
 from trainer.tiny import SD15_SCHEDULER_CONFIG, build_tiny_sd_pipeline, load_toy_sd_pipeline
 
@@ -166,14 +166,6 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], cfg: dict, seed
     return losses, ema_unet.state_dict(), ema_te.state_dict()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors")
 
@@ -231,7 +223,7 @@ def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snaps
         "threads": torch.get_num_threads(),
         "vae_final_loss": float(np.mean(vae_losses[-100:])) if vae_losses else None,
         "unet_final_loss": float(np.mean(unet_losses[-100:])),
-        "sha256": {f: sha256(out / f) for f in WEIGHT_FILES},
+        "sha256": {f: sha256_file(out / f) for f in WEIGHT_FILES},
     }
     (out / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 from sweeps.spec import ParamSpace, SweepSpec, pruner_options
@@ -50,9 +49,10 @@ def _value(spec: SweepSpec, field: str) -> tuple[float | None, str]:
 
 def dataset_images(dataset: str, num_repeats: int | None) -> int | None:
     """Images per epoch with repeats for a kohya folder (`<repeats>_<name>/`), None when unreadable."""
-    if dataset == "builtin:demo":
-        return 12 * (num_repeats or 10)
-    root = Path(dataset).expanduser()
+    from trainer.data import resolve_dataset
+    from trainer.tiny import cache_root
+
+    root = resolve_dataset(dataset, cache_root())  # a builtin is written once, then counted like any folder
     if not root.is_dir():
         return None
     total = 0

@@ -104,7 +104,7 @@ def decode_state(tree, tensors: dict[str, torch.Tensor]):
 # --------------------------------------------------------------------------- files
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -139,7 +139,7 @@ def save_checkpoint(trainer, folder: str | Path) -> Path:
     meta = {
         "format": FORMAT,
         "global_step": getattr(trainer, "global_step", None),
-        "tensors_sha256": _sha256(folder / STATE_FILE),
+        "tensors_sha256": sha256_file(folder / STATE_FILE),
         "num_tensors": len(tensors),
         "state": tree,
     }
@@ -167,7 +167,7 @@ def read_checkpoint(folder: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {folder}: {META_FILE} has format {found!r}, expected {FORMAT!r}")
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint {folder} is incomplete: {STATE_FILE} is missing")
-    if _sha256(state_path) != meta.get("tensors_sha256"):
+    if sha256_file(state_path) != meta.get("tensors_sha256"):
         raise CheckpointError(
             f"checkpoint {folder} is corrupt or incomplete: {STATE_FILE} does not match the sha256 "
             f"recorded in {META_FILE} (truncated, altered, or from another save); use an earlier checkpoint"

@@ -37,6 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from trainer.checkpoint import sha256_file
+
 log = logging.getLogger(__name__)
 
 TINY_SD_ID = "builtin:tiny-sd"
@@ -202,19 +204,11 @@ def shipped_weights_info() -> dict:
                            "reinstall lorasweep, or rebuild them with `python -m pretrain.tiny_sd "
                            f"--out {SHIPPED_WEIGHTS}`") from None
     for name in _WEIGHT_FILES:
-        got = _sha256(SHIPPED_WEIGHTS / name)
+        got = sha256_file(SHIPPED_WEIGHTS / name)
         if got != info["sha256"][name]:
             raise RuntimeError(f"{SHIPPED_WEIGHTS / name}: sha256 {got} does not match recipe.json "
                                f"({info['sha256'][name]}); the file is damaged or was replaced")
     return info
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_toy_sd_pipeline(weights: Path | None = None) -> StableDiffusionPipeline:
