@@ -7,14 +7,17 @@ from trainer.data import DEMO_TRIGGER, DatasetError, EpochSampler, ensure_demo_d
 
 def test_demo_dataset_is_kohya_layout_with_trigger(tmp_path):
     root = ensure_demo_dataset(tmp_path / "demo")
-    subdirs = [d.name for d in root.iterdir() if d.is_dir()]
-    assert subdirs == [f"5_{DEMO_TRIGGER} shape"]
-    images = sorted((root / subdirs[0]).glob("*.png"))
-    assert 12 <= len(images) <= 24
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+    # The concept (trigger captions) and known-colour pictures with their own captions beside it.
+    assert subdirs == ["2_shape", f"5_{DEMO_TRIGGER} shape"]
+    images = sorted((root / subdirs[1]).glob("*.png"))
+    known = sorted((root / subdirs[0]).glob("*.png"))
+    assert 12 <= len(images) <= 24 and known
     for im in images:
         assert im.with_suffix(".txt").read_text().startswith(f"a {DEMO_TRIGGER} ")
+    assert not any(DEMO_TRIGGER in im.with_suffix(".txt").read_text() for im in known)
     examples = load_kohya_folder(root)
-    assert len(examples) == 5 * len(images), "each image repeated as the folder prefix says"
+    assert len(examples) == 5 * len(images) + 2 * len(known), "each image repeated as the folder prefix says"
 
 
 def test_missing_caption_falls_back_to_class_tokens(tmp_path):
@@ -23,8 +26,22 @@ def test_missing_caption_falls_back_to_class_tokens(tmp_path):
     Image.new("RGB", (16, 16)).save(sub / "a.png")
     Image.new("RGB", (16, 16)).save(sub / "b.jpg")
     (sub / "b.caption").write_text("sks dog on grass")
-    captions = sorted({e.caption for e in load_kohya_folder(tmp_path)})
-    assert captions == ["sks dog", "sks dog on grass"]
+    Image.new("RGB", (16, 16)).save(sub / "c.png")
+    (sub / "c.txt").write_text("  \n\t\n")  # whitespace only: as if missing
+    captions = sorted(e.caption for e in load_kohya_folder(tmp_path, num_repeats=1))
+    assert captions == ["sks dog", "sks dog", "sks dog on grass"]
+
+
+def test_empty_imagefolder_caption_is_bad_data(tmp_path):
+    from trainer.datasets import load_imagefolder
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a dog"}\n'
+                                             '{"file_name": "b.png", "text": "   "}\n')
+    with pytest.raises(DatasetError, match=r"metadata.jsonl: the caption of 'b.png' is empty"):
+        load_imagefolder(tmp_path)
+    assert [e.caption for e in load_imagefolder(tmp_path, on_bad_image="skip")] == ["a dog"]
 
 
 def test_dataset_errors_name_path_and_fix(tmp_path):

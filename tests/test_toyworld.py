@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from toyworld.lora_task import CLASS_WORD, TRIGGER, concept_images, write_lora_dataset
 from toyworld.oracle import Reading, expected, oracle_metrics, read
@@ -97,12 +98,17 @@ def test_lora_dataset_layouts_load_in_the_trainer(tmp_path, layout):
                     num_class_images=12)
     cfg = build_train_config(dict(base_model="builtin:tiny-sd", resolution=64, **over))
     data = load_train_data(cfg)
-    assert len({e.image_path for e in data.examples}) == 18
-    if layout == "kohya":
-        assert all(TRIGGER in e.caption for e in data.examples) and len(data.examples) == 18 * 5
+    concept = [e for e in data.examples if TRIGGER in e.caption]
+    assert len({e.image_path for e in concept}) == 18
+    assert all(e.caption.startswith(f"a {TRIGGER} ") for e in concept)
+    if layout == "kohya":  # beside the concept: known-colour pictures with their own captions
+        known = [e for e in data.examples if TRIGGER not in e.caption]
+        assert len(concept) == 18 * 5 and len(known) == 15 * 2
+        assert all(read(np.asarray(Image.open(e.image_path))) == expected(e.caption, TRIGGER) for e in known)
+    else:
+        assert len(concept) == len(data.examples)
     if layout == "dreambooth":
         assert len(data.class_examples) == 12
-    assert all(e.caption.startswith(f"a {TRIGGER}") for e in data.examples)
 
 
 def test_all_classes_cover_every_colour_and_shape():

@@ -61,10 +61,12 @@ def load_kohya_folder(root: str | Path, num_repeats: int | None = None) -> list[
 
 
 def _read_caption(image: Path) -> str | None:
+    """The image's caption file's text; None when there is none or it is empty or only whitespace
+    (the caller then uses the folder's class tokens, as for a missing file)."""
     for ext in CAPTION_EXTENSIONS:
         path = image.with_suffix(ext)
         if path.is_file():
-            return path.read_text(encoding="utf-8").strip()
+            return path.read_text(encoding="utf-8").strip() or None
     return None
 
 

@@ -86,7 +86,10 @@ def load_imagefolder(root: str | Path, num_repeats: int = 1, on_bad_image: str =
         if not (root / name).is_file():
             _bad(f"{meta}: file_name {name!r} does not exist in {root}", on_bad_image)
             continue
-        examples += [Example(root / name, text)] * num_repeats
+        if not text.strip():  # an imagefolder has no class tokens to fall back on
+            _bad(f"{meta}: the caption of {name!r} is empty; write one", on_bad_image)
+            continue
+        examples += [Example(root / name, text.strip())] * num_repeats
     listed = {(root / n).resolve() for n in captions}
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.resolve() not in listed:
