@@ -58,6 +58,8 @@ def sweep(spec, args) -> int:
     from sweeps.tuner import can_resume, run_sweep
 
     check_writable(sweep_uri(spec))  # before models are built or Ray is started
+    if not args.address:
+        _check_local_fit(spec, args.space)
     if args.resume and not can_resume(spec):
         raise FileNotFoundError(f"--resume: no sweep {spec.name} in {spec.storage_uri}; run without --resume to start it")
     spec = prepare_sweep(spec, args.space)
@@ -65,6 +67,19 @@ def sweep(spec, args) -> int:
           f"output {spec.output_dir}", flush=True)
     run_sweep(spec, args.address, resume=args.resume)
     return export_only(spec)
+
+
+def _check_local_fit(spec, source: str) -> None:
+    import os
+
+    import torch
+
+    from sweeps.spec import SpecError
+    from sweeps.spec_checks import local_fit_problems
+
+    problems = local_fit_problems(spec.resources, os.cpu_count() or 1, torch.cuda.device_count())
+    if problems:
+        raise SpecError(source, problems)
 
 
 def export_only(spec) -> int:

@@ -55,13 +55,15 @@ def space_problems(spec: SweepSpec) -> list[str]:
 def train_problems(spec: SweepSpec) -> list[str]:
     """Fixed values checked with each searched field at its first extreme."""
     sample = {k: p.extremes()[0] for k, p in _valid_params(spec).items()}
+    both = [f"train.{k}: also searched (space.{k}), whose value every trial uses; remove it from train"
+            for k in sorted(set(spec.train) & set(spec.space))]
     try:
         spec.train_config(sample)
     except TrainConfigError as err:
-        return [
+        return both + [
             f"train.{ln.strip()}" for ln in str(err).splitlines()[1:] if ln.strip().split(":")[0].split(".")[0] not in sample
         ]
-    return []
+    return both
 
 
 def _valid_params(spec: SweepSpec) -> dict[str, ParamSpace]:
@@ -233,6 +235,19 @@ def _resource_problems(resources: ResourcesSpec) -> list[str]:
         for k, v in (("cpus_per_trial", resources.cpus_per_trial), ("gpus_per_trial", resources.gpus_per_trial))
         if v > 1 and v != int(v)
     ]
+
+
+def local_fit_problems(resources: ResourcesSpec, cpus: int, gpus: int) -> list[str]:
+    """A trial that asks for more than a local machine with `cpus` and `gpus` has could never
+    start: local Ray would wait for it forever."""
+    out = []
+    if resources.gpus_per_trial > gpus:
+        out.append(f"resources.gpus_per_trial: {resources.gpus_per_trial:g} GPU(s) per trial, but this machine has "
+                   f"{gpus}; lower it (0 trains on the CPU) or give --address of a cluster with such nodes")
+    if resources.cpus_per_trial > cpus:
+        out.append(f"resources.cpus_per_trial: {resources.cpus_per_trial:g} CPUs per trial, but this machine has "
+                   f"{cpus}; lower it or give --address of a cluster with such nodes")
+    return out
 
 
 def _eval_problems(spec: SweepSpec, ev: EvalSpec) -> list[str]:

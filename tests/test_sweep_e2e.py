@@ -98,8 +98,12 @@ def test_four_trials_two_at_a_time_on_logical_gpus_with_median_pruner(tmp_path):
         ("train.bogus_knob=1", "train.bogus_knob: unknown key"),
         ("space.learning_rate={type: loguniform, low: 0.1, high: 0.001}", "space.learning_rate.low: must be < high"),
         ("dataset=/nonexistent/lorasweep-data", "dataset:"),
-        ("train.lr_scheduler=cosine_restart", "train.lr_scheduler:"),
+        ("train.lr_scheduler=cosine_restart", "train.lr_scheduler: also searched (space.lr_scheduler)"),
+        ("train.lr_warmup_steps=-3", "train.lr_warmup_steps:"),
         ("space.rank={type: choice, values: [0, 4]}", "space.rank: value 0 is invalid"),
+        # More GPUs than this machine has (none here): local Ray would wait forever.
+        ("resources.gpus_per_trial=64", "resources.gpus_per_trial: 64 GPU(s) per trial, but this machine has"),
+        ("resources.cpus_per_trial=4096", "resources.cpus_per_trial: 4096 CPUs per trial, but this machine has"),
     ],
 )
 def test_bad_specs_fail_clearly_before_ray_starts(tmp_path, capsys, override, expected):
