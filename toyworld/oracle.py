@@ -70,9 +70,6 @@ def _shape_of(region: np.ndarray) -> str | None:
     return None
 
 
-def read_all(images: np.ndarray) -> list[Reading]:
-    return [read(im) for im in images]
-
 
 # --------------------------------------------------------------------------- metrics of a suite
 
