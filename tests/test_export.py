@@ -134,8 +134,11 @@ def test_kohya_file_keys_shapes_alpha_and_metadata(trained, tmp_path, tiny_sd_di
     unet_file = tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors"
     assert stored["ss_sd_model_hash"] == hashlib.sha256(unet_file.read_bytes()).hexdigest()[:10]
     tags = json.loads(stored["ss_tag_frequency"])
-    assert tags["10_lswsks circle"]["lswsks"] == 12, "every demo caption starts with the trigger word"
-    assert json.loads(stored["ss_dataset_dirs"]) == {"10_lswsks circle": {"n_repeats": 10, "img_count": 12}}
+    # The demo's captions have no commas: each is one tag; all 18 concept captions carry the trigger.
+    assert sum(n for tag, n in tags["5_lswsks shape"].items() if "lswsks" in tag) == 18
+    assert not any("lswsks" in tag for tag in tags["2_shape"])
+    assert json.loads(stored["ss_dataset_dirs"]) == {"5_lswsks shape": {"n_repeats": 5, "img_count": 18},
+                                                     "2_shape": {"n_repeats": 2, "img_count": 15}}
 
 
 def test_wrapper_fixes_what_diffusers_converter_gets_wrong(trained, tmp_path):
