@@ -168,7 +168,10 @@ def _comparison(spec: SweepSpec, best: Candidate, worst: Candidate | None, root:
     out = staging / "comparison.png"
     with best.checkpoint.as_directory() as src:
         trial = json.loads((Path(src) / TRIAL_INFO).read_text())
-        prompts, seeds = trial["prompts"], trial["seeds"]
+        prompts, seeds = trial.get("prompts"), trial.get("seeds")
+        if not prompts or not seeds:  # a checkpoint that does not say what it sampled: its grid as it is
+            shutil.copyfile(Path(src) / SAMPLES_FILE, out)
+            return out
         rows = [(_row_label("winner", best, spec), read_grid(Path(src) / SAMPLES_FILE, len(prompts)))]
     base_uri = storage.join(root, BASE_SAMPLES)
     if storage.exists(base_uri):
@@ -177,7 +180,7 @@ def _comparison(spec: SweepSpec, best: Candidate, worst: Candidate | None, root:
     if worst is not None:
         with worst.checkpoint.as_directory() as src:
             other = json.loads((Path(src) / TRIAL_INFO).read_text())
-            if (other["prompts"], other["seeds"]) == (prompts, seeds):
+            if (other.get("prompts"), other.get("seeds")) == (prompts, seeds):
                 rows.append((_row_label("worst", worst, spec), read_grid(Path(src) / SAMPLES_FILE, len(prompts))))
     labelled_rows(rows, prompts, seeds).save(out)
     return out

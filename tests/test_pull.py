@@ -38,7 +38,8 @@ def _record(tmp: Path, trial_id: str, lr: float, rank: int, score: float) -> Tri
 
 @pytest.fixture
 def exported(tmp_path):
-    spec = load_spec(ROOT / "examples" / "demo.yaml", [f"storage={tmp_path / 'runs'}", "export.top_k=2"])
+    spec = load_spec(ROOT / "examples" / "demo.yaml", [f"storage={tmp_path / 'runs'}", "export.top_k=2",
+                                                       "objective={metric: clip_score, mode: max}"])
     records = [_record(tmp_path / "trials", "aaa", 1e-3, 2, 30.0), _record(tmp_path / "trials", "bbb", 2e-3, 4, 50.0),
                _record(tmp_path / "trials", "ccc", 3e-4, 8, 10.0)]
     export_sweep(spec, records)

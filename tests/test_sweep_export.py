@@ -67,7 +67,8 @@ def local_ray():
 
 def demo_spec(tmp_path, *overrides):
     sets = [f"storage={tmp_path}", "search.num_trials=4", "search.max_concurrent=2", "failure.max_failures=1",
-            "train.max_train_steps=10", *overrides]
+            "train.max_train_steps=10", "objective={metric: clip_score, mode: max}", "space.lr_scheduler=constant",
+            *overrides]
     return load_spec(ROOT / "examples" / "demo.yaml", sets)
 
 
@@ -138,7 +139,8 @@ def test_verify_files_detects_a_changed_file(finished_sweep, tmp_path):
 def test_cli_export_only_and_status_print_table_and_winner_last(finished_sweep, capsys):
     spec = finished_sweep
     args = ["--space", str(ROOT / "examples" / "demo.yaml"), "--set", f"storage={spec.storage}",
-            "--set", "export.top_k=2", "--set", "train.max_train_steps=10"]
+            "--set", "export.top_k=2", "--set", "train.max_train_steps=10",
+            "--set", "objective={metric: clip_score, mode: max}", "--set", "space.lr_scheduler=constant"]
     assert run_cli.main([*args, "--status"]) == 0
     status = capsys.readouterr().out
     assert "failed" in status and "complete" in status and "4 trials" in status
