@@ -21,10 +21,15 @@ Scorer = Callable[[np.ndarray, list[str]], dict]
 
 
 def training_images(trainer: LoraTrainer, limit: int = 64) -> np.ndarray:
-    """The distinct training images as the trainer sees them (center crop, no flip), uint8 NHWC."""
+    """The distinct training images of the concept as the trainer sees them (center crop, no flip),
+    uint8 NHWC: those whose caption holds the trigger word when some do (a dataset may keep other
+    pictures beside the concept's, e.g. regularisation folders), else all. CLIP-I compares to these."""
     cfg, seen, out = trainer.cfg, set(), []
     rng = np.random.default_rng(0)
-    for example in trainer.data.examples:
+    examples = trainer.data.examples
+    if cfg.trigger_word and any(cfg.trigger_word in e.caption for e in examples):
+        examples = [e for e in examples if cfg.trigger_word in e.caption]
+    for example in examples:
         if example.image_path in seen or len(out) >= limit:
             continue
         seen.add(example.image_path)

@@ -41,7 +41,11 @@ def test_untrained_lora_scores_every_metric_and_keeps_the_prior(suite_setup):
 def test_training_images_are_the_dataset_images(suite_setup):
     _, trainer = suite_setup
     images = training_images(trainer)
-    assert images.dtype.name == "uint8" and images.shape == (12, 64, 64, 3)
+    # The 18 pictures of the concept, not the known-colour ones kept beside them.
+    assert images.dtype.name == "uint8" and images.shape == (18, 64, 64, 3)
+    from toyworld.oracle import read
+    from toyworld.world import HELD_OUT_COLOR
+    assert all(read(im).color == HELD_OUT_COLOR for im in images)
 
 
 def test_plain_prompt_specs_use_no_suite(suite_setup, tiny_sd_dir, demo_dataset):

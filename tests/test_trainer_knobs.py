@@ -122,12 +122,13 @@ def test_epochs_decide_length_and_checkpoint_interval(tiny_sd_dir, demo_dataset,
                train_batch_size=4, gradient_accumulation_steps=2, checkpoint_interval=1)
     cfg = build_train_config({**cfg.model_dump(exclude={"max_train_steps"}), "max_train_epochs": 1})
     t = LoraTrainer(cfg, device="cpu")
-    # 12 demo images once each, batches of 4 -> 3 micro-batches per epoch, 2 per step -> 2 steps.
-    assert t.sampler.batches_per_epoch == 3 and t.cfg.max_train_steps == 2
+    # 33 demo images (18 of the concept, 15 of known colours) once each, batches of 4 -> 9
+    # micro-batches per epoch, 2 per step -> 5 steps.
+    assert t.sampler.batches_per_epoch == 9 and t.cfg.max_train_steps == 5
     saved = []
     history = t.train(checkpoint_fn=lambda tr: saved.append(tr.global_step))
-    assert [h["step"] for h in history] == [1, 2] and history[-1]["epoch"] == 1
-    assert saved == [1, 2]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5] and history[-1]["epoch"] == 1
+    assert saved == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
