@@ -28,13 +28,15 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     # best.safetensors is the kohya layout that UIs load; export/ holds both layouts with their sha256.
     with safe_open(str(best), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    assert info["format"] == "kohya" and keys and all(k.startswith("lora_unet_") for k in keys)
+    # The demo trains a text-encoder LoRA too: its keys are kohya's lora_te_.
+    assert info["format"] == "kohya" and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_network_dim"] == str(info["params"]["rank"])
     manifest = json.loads((out_dir / "export" / "manifest.json").read_text())
     assert manifest["entries"][0]["trial_id"] == info["trial_id"]
     assert manifest["sha256"]["best.safetensors"] == hashlib.sha256(best.read_bytes()).hexdigest()
     with safe_open(str(out_dir / manifest["entries"][0]["files"]["diffusers"]), "pt") as f:
-        assert all(k.startswith("unet.") for k in f.keys())
+        assert all(k.startswith(("unet.", "text_encoder.")) for k in f.keys())
     assert set(info["params"]) == {"learning_rate", "rank", "lr_scheduler"}
     assert info["objective"]["metric"] == "objective"
     # The toy world's oracle metrics are reported beside the CLIP ones.
@@ -42,7 +44,7 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     # The table lists all three trials with the oracle's columns, and the winner has its best score.
     # (the demo's median pruner may stop the third trial early: "pruned")
     header = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("trial "))
-    assert header[-7:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "state", "steps", "wall"]
+    assert header[-8:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "state", "steps", "wall", "s"]
     table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 4 and ln.split()[-3] in ("complete", "pruned")]
     assert len(table) == 3, proc.stdout
     scores = [float(ln.split()[-7]) for ln in table]
