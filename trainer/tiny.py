@@ -5,8 +5,9 @@ LDM checkpoint) are exercised on a model with SD 1.5's layout and vocabulary but
 parameters: 64 px images, 8x8 latents, a 4-layer CLIP text encoder (so clip skip 2 is
 meaningful) and SD 1.5's real BPE tokenizer, rebuilt from the vocabulary that ships in open_clip.
 
-`builtin:tiny-sd` is that architecture pretrained on the toy world (`toyworld/`) without its
-held-out colour, by `python -m pretrain.tiny_sd`; its fp16 weights ship in `trainer/weights/`
+`builtin:tiny-sd` is that architecture pretrained on the toy world (`toyworld/`) by
+`python -m pretrain.tiny_sd`: its VAE saw every colour, its UNet and text encoder never the
+held-out one; its fp16 weights ship in `trainer/weights/`
 with their recipe and sha256 (`recipe.json`). `builtin:tiny-sd-random` is the same architecture,
 random-init and seeded, for tests that need only shapes and speed.
 
@@ -257,7 +258,10 @@ def _recipe_key(pretrained: bool) -> str:
     if not pretrained:
         return f"{TINY_SD_RECIPE}/random-seed-0"
     # The recorded hashes (checked against the files when the folder is assembled) name the weights.
-    info = json.loads((SHIPPED_WEIGHTS / "recipe.json").read_text())
+    try:
+        info = json.loads((SHIPPED_WEIGHTS / "recipe.json").read_text())
+    except (OSError, ValueError):
+        info = shipped_weights_info()  # raises, saying what is missing and how to rebuild it
     digest = hashlib.sha256(json.dumps(info["sha256"], sort_keys=True).encode()).hexdigest()[:16]
     return f"{TINY_SD_RECIPE}/{info['recipe']['version']}/{digest}"
 
