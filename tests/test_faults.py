@@ -93,7 +93,7 @@ def _run(tmp_path, *sets, timeout=480):
 def test_a_trial_with_an_invalid_config_combination_fails_with_its_reason_and_the_sweep_goes_on(tmp_path):
     proc = _run(
         tmp_path, "search.num_trials=2", "search.max_concurrent=1", "train.max_train_steps=4", "eval.interval=4",
-        "eval.seeds=[0]", "train.cache_latents=false",
+        "eval.seeds=[0]",
         "space.center_crop={type: choice, values: [true, false]}",
         "space.cache_latents={type: choice, values: [true, false]}",
         "search.initial_configs=[{center_crop: false, cache_latents: true, learning_rate: 0.001, rank: 2},"
