@@ -1,7 +1,7 @@
 """W&B for a sweep: one run per trial (grouped by sweep), eval image grids, the winner as a model artifact.
 
 Everything is logged from inside the trial through Ray's `setup_wandb`: images sent through
-`WandbLoggerCallback` hung `Tuner.fit()` at the end here (DESIGN.md). Offline unless the spec
+`WandbLoggerCallback` hung `Tuner.fit()` at the end (ray 2.60 + wandb 0.31). Offline unless the spec
 asks for online AND `WANDB_API_KEY` is set; the key stays in the environment only, never in
 the settings handed to trials, the spec, or any file this project writes. Offline runs go to
 `<sweep dir>/wandb/wandb/offline-run-*`, inside the sweep's folder, not Ray's session folder.

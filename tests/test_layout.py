@@ -1,5 +1,5 @@
-"""The package boundaries of DESIGN.md: trainer/ knows nothing of Ray or W&B, and evaluator/
-keeps Ray to its one thin service module."""
+"""The package boundaries (README, "Layout"): trainer/ knows nothing of Ray or W&B, evaluator/
+keeps Ray to its one thin service module, toyworld/ is a leaf and nothing imports pretrain/."""
 
 import json
 import pkgutil
