@@ -17,23 +17,12 @@ import time
 import torch
 import yaml
 
-from toyworld.lora_task import TRIGGER
+from toyworld.lora_task import HELD_OUT_SEEDS, TRIGGER, judge_prompts
 from toyworld.oracle import oracle_metrics
-from toyworld.world import KNOWN_COLORS, SHAPES
 from trainer.config import build_train_config
 from trainer.loop import LoraTrainer
 
-HELD_OUT_SEEDS = list(range(500, 508))  # never the seeds of examples/suites/demo.yaml
-
-
-def judge_prompts(seeds: list[int] = HELD_OUT_SEEDS) -> tuple[list[str], list[int]]:
-    concept = [f"a {TRIGGER} {s}" for s in SHAPES]
-    prior = [f"a {c} {s}" for c in KNOWN_COLORS for s in SHAPES][::2]  # 8 of the 15 known classes
-    pairs = [(p, s) for p in concept + prior for s in seeds]
-    return [p for p, _ in pairs], [s for _, s in pairs]
-
-
-def run(values: dict, eval_every: int, seeds: list[int]) -> list[dict]:
+def run(values: dict, eval_every: int, seeds: tuple[int, ...]) -> list[dict]:
     trainer = LoraTrainer(build_train_config(values))
     prompts, seeds = judge_prompts(seeds)
     out, start, history = [], time.perf_counter(), []

@@ -25,7 +25,7 @@ import numpy as np
 import open_clip
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from toyworld.world import all_classes, caption, render_shapes
 
@@ -152,11 +152,11 @@ def shipped_tiny_clip_state() -> dict[str, torch.Tensor] | None:
         return None
     if info.get("recipe") != TINY_CLIP_RECIPE or not _is_current(SHIPPED_FILE):
         return None
-    digest = hashlib.sha256(SHIPPED_FILE.read_bytes()).hexdigest()
-    if digest != info.get("sha256"):
+    data = SHIPPED_FILE.read_bytes()
+    if hashlib.sha256(data).hexdigest() != info.get("sha256"):
         log.warning("%s does not match its recorded sha256; building the tiny CLIP instead", SHIPPED_FILE)
         return None
-    return {k: v.float().contiguous() for k, v in load_file(str(SHIPPED_FILE)).items()}
+    return {k: v.float().contiguous() for k, v in load(data).items()}
 
 
 def build_tiny_clip_state(seed: int = _SEED, steps: int = _STEPS) -> dict[str, torch.Tensor]:

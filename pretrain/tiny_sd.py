@@ -11,9 +11,6 @@ The recipe (every number below, the seed and the world) is written next to the w
    prediction, min-SNR weighting, caption dropout so that classifier-free guidance works),
    with an EMA of both; the EMA weights are shipped. The text encoder is frozen afterwards,
    for LoRA training, as in SD.
-
-`--continue-from DIR` trains phase 2 further from an earlier output (its VAE kept); recipe.json
-then chains the recipes.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from diffusers.training_utils import compute_snr
 from toyworld.world import HELD_OUT_COLOR, KNOWN_COLORS, render_world
 from trainer.checkpoint import sha256_file
 from trainer.prompts import encode_token_ids, tokenize
-from trainer.tiny import SD15_SCHEDULER_CONFIG, build_tiny_sd_pipeline, load_toy_sd_pipeline
+from trainer.tiny import SD15_SCHEDULER_CONFIG, build_tiny_sd_pipeline
 
 log = logging.getLogger("pretrain.tiny_sd")
 
@@ -60,6 +57,11 @@ def _lr_lambda(warmup: int, steps: int, final: float):
     return f
 
 
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], as the VAE takes them."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def world_data(recipe: dict) -> tuple[torch.Tensor, list[str]]:
     """Pixels in [-1, 1] (NCHW) and captions of the pretraining world."""
     w = recipe["world"]
@@ -70,8 +72,7 @@ def world_data(recipe: dict) -> tuple[torch.Tensor, list[str]]:
     # does not know still draws the asked shape in some known colour.
     captions = [c.replace(f" {s.color} ", " ", 1) if rng.random() < w["color_dropped_from_caption"] else c
                 for c, s in zip(captions, scenes)]
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, captions
+    return _pixels(images), captions
 
 
 def train_vae(vae, pixels: torch.Tensor, cfg: dict, seed: int) -> list[float]:
@@ -99,7 +100,7 @@ def train_vae(vae, pixels: torch.Tensor, cfg: dict, seed: int) -> list[float]:
 
 def whole_world_pixels(cfg: dict) -> torch.Tensor:
     images, _, _ = render_world(cfg["images"], cfg["seed"])  # every colour, the held-out one included
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return _pixels(images)
 
 
 @torch.no_grad()
@@ -177,30 +178,19 @@ def _save(pipe, out: Path) -> None:
         getattr(pipe, name).save_pretrained(out / name, safe_serialization=True)
 
 
-def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snapshot_every: int = 0,
-             continue_from: Path | None = None) -> dict:
-    """Run the recipe and save the pipeline's weights and configs (fp16) under `out`.
-
-    With `continue_from` (an earlier output folder) the VAE is kept and the UNet and text encoder
-    train `recipe["unet"]["steps"]` more steps from those weights; recipe.json then records both."""
+def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snapshot_every: int = 0) -> dict:
+    """Run the recipe and save the pipeline's weights and configs (fp16) under `out`."""
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
     torch.manual_seed(recipe["seed"])
     pixels, captions = world_data(recipe)
-    vae_losses = []
-    if continue_from is None:
-        pipe = build_tiny_sd_pipeline(seed=recipe["seed"])
-        vae_losses = train_vae(pipe.vae, whole_world_pixels(recipe["vae"]), recipe["vae"], recipe["seed"] + 1)
-    else:
-        pipe = load_toy_sd_pipeline(continue_from)
-        earlier = json.loads((continue_from / "recipe.json").read_text())
-        recipe = {**recipe, "vae": "kept", "continued_from": earlier}
+    pipe = build_tiny_sd_pipeline(seed=recipe["seed"])
+    vae_losses = train_vae(pipe.vae, whole_world_pixels(recipe["vae"]), recipe["vae"], recipe["seed"] + 1)
     vae_min = (time.perf_counter() - start) / 60
     latents = encode_latents(pipe.vae, pixels)
-    if continue_from is None:
-        # As SD did: scale latents to unit variance for the diffusion model.
-        pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    # As SD did: scale latents to unit variance for the diffusion model.
+    pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * pipe.vae.config.scaling_factor
 
     def snapshot(step, ema_unet, ema_te):
@@ -209,8 +199,7 @@ def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snaps
         snap.text_encoder.load_state_dict(ema_te.state_dict())
         _save(snap, out / "snapshots" / f"step_{step}")
 
-    seed = recipe["seed"] + 2 + (len(_chain(recipe)) - 1) * 1000  # a continuation draws new batches
-    unet_losses, ema_unet, ema_te = train_unet(pipe, latents, captions, recipe["unet"], seed,
+    unet_losses, ema_unet, ema_te = train_unet(pipe, latents, captions, recipe["unet"], recipe["seed"] + 2,
                                                on_snapshot=snapshot, snapshot_every=snapshot_every)
     pipe.unet.load_state_dict(ema_unet)
     pipe.text_encoder.load_state_dict(ema_te)
@@ -221,7 +210,7 @@ def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snaps
         "wall_minutes": round(minutes, 1),
         "vae_wall_minutes": round(vae_min, 1),
         "threads": torch.get_num_threads(),
-        "vae_final_loss": float(np.mean(vae_losses[-100:])) if vae_losses else None,
+        "vae_final_loss": float(np.mean(vae_losses[-100:])),
         "unet_final_loss": float(np.mean(unet_losses[-100:])),
         "sha256": {f: sha256_file(out / f) for f in WEIGHT_FILES},
     }
@@ -229,20 +218,10 @@ def pretrain(out: Path, recipe: dict = RECIPE, threads: int | None = None, snaps
     return info
 
 
-def _chain(recipe: dict) -> list[dict]:
-    """This recipe and the ones it continued, newest first."""
-    out = [recipe]
-    while "continued_from" in out[-1] and "recipe" in out[-1]["continued_from"]:
-        out.append(out[-1]["continued_from"]["recipe"])
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the weights and recipe.json")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--continue-from", type=Path, default=None, help="an earlier --out folder: train its UNet and "
-                   "text encoder --unet-steps more steps (the VAE is kept)")
     p.add_argument("--snapshot-every", type=int, default=0, help="save EMA weights every N UNet steps")
     p.add_argument("--vae-steps", type=int, default=None, help="override the recipe (for a quick try)")
     p.add_argument("--unet-steps", type=int, default=None, help="override the recipe (for a quick try)")
@@ -253,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe["vae"]["steps"] = args.vae_steps
     if args.unet_steps is not None:
         recipe["unet"]["steps"] = args.unet_steps
-    info = pretrain(args.out, recipe, args.threads, args.snapshot_every, args.continue_from)
+    info = pretrain(args.out, recipe, args.threads, args.snapshot_every)
     print(json.dumps({k: v for k, v in info.items() if k != "recipe"}, indent=2))
 
 

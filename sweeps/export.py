@@ -49,15 +49,20 @@ class ExportResult:
     manifest_uri: str
 
 
-def choose(records: list[TrialRecord], spec: SweepSpec) -> list[Candidate]:
-    """Each trial's best checkpoint; the top-k by the primary objective, or the Pareto front."""
+def ranked(records: list[TrialRecord], spec: SweepSpec) -> list[Candidate]:
+    """Each scored trial's best checkpoint, best first by the primary objective."""
     cands = []
     for rec in records:
         scored = scored_checkpoints(rec.result, spec)
         if scored:
             cands.append(Candidate(rec, scored[0][0], scored[0][1]))
     sign = -1 if spec.primary.mode == "max" else 1
-    cands.sort(key=lambda c: (sign * float(c.metrics[spec.primary.metric]), c.record.row.trial_id))
+    return sorted(cands, key=lambda c: (sign * float(c.metrics[spec.primary.metric]), c.record.row.trial_id))
+
+
+def choose(records: list[TrialRecord], spec: SweepSpec, cands: list[Candidate] | None = None) -> list[Candidate]:
+    """The top-k of `ranked` by the primary objective, or the Pareto front."""
+    cands = ranked(records, spec) if cands is None else cands
     if len(spec.objectives) > 1:
         return [c for c in cands if not any(_dominates(o, c, spec) for o in cands if o is not c)]
     return cands[: spec.export.top_k]
@@ -77,7 +82,8 @@ def _dominates(a: Candidate, b: Candidate, spec: SweepSpec) -> bool:
 def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None) -> ExportResult:
     """Export the sweep's winners into its storage and return where the winner is."""
     records = load_records(spec) if records is None else records
-    chosen = choose(records, spec)
+    everyone = ranked(records, spec)
+    chosen = choose(records, spec, everyone)
     if not chosen:
         reasons = "; ".join(f"{r.row.trial_id}: {r.row.reason}" for r in records if r.row.reason)
         raise ExportError(f"no trial reported a finite {spec.primary.metric}; nothing to export ({reasons or 'no trials ran'})")
@@ -87,7 +93,8 @@ def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None) -> E
     entries, hashes = [], {}
     for rank, cand in enumerate(chosen, start=1):
         entries.append(_export_one(spec, cand, rank, root, staging, hashes))
-    comparison = _comparison(spec, chosen[0], _worst(records, spec, chosen[0]), root, staging)
+    worst = everyone[-1] if len(spec.objectives) == 1 and everyone[-1] is not chosen[0] else None
+    comparison = _comparison(spec, chosen[0], worst, root, staging)
     best_files = _export_best(spec, entries[0], root, staging, hashes, comparison)
     manifest = {
         "sweep": spec.name,
@@ -140,14 +147,6 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
     for rel in rel_files.values():
         _put(local / Path(rel).name, root, rel, hashes)
     return {k: info[k] for k in ("rank", "trial_id", "params", "objectives", "step")} | {"files": rel_files}
-
-
-def _worst(records: list[TrialRecord], spec: SweepSpec, best: Candidate) -> Candidate | None:
-    """The trial whose best checkpoint scored lowest (by the primary objective), if not the winner."""
-    everyone = choose(records, spec.model_copy(update={"export": spec.export.model_copy(update={"top_k": 10**9})}))
-    if len(spec.objectives) > 1 or not everyone or everyone[-1].record is best.record:
-        return None
-    return everyone[-1]
 
 
 def _row_label(kind: str, cand: Candidate, spec: SweepSpec) -> str:

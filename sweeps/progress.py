@@ -6,6 +6,11 @@ import time
 
 from ray.tune import Callback
 
+from sweeps.results import SHOWN_METRICS
+from toyworld.oracle import ORACLE_METRICS
+
+_EXACT = tuple(m for m in SHOWN_METRICS if m in ORACLE_METRICS)  # shown when the sweep has the oracle
+
 
 class ProgressPrinter(Callback):
     def __init__(self, metric: str):
@@ -20,9 +25,7 @@ class ProgressPrinter(Callback):
         print(f"{self._stamp()} trial {trial.trial_id} started: {params}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        # The toy world's exact oracle metrics, when the sweep has them (eval.oracle).
-        exact = "".join(f" {m}={_fmt(result[m])}" for m in ("concept_accuracy", "prior_accuracy")
-                        if m != self.metric and m in result)
+        exact = "".join(f" {m}={_fmt(result[m])}" for m in _EXACT if m != self.metric and m in result)
         print(
             f"{self._stamp()} trial {trial.trial_id} step {result.get('step')}: "
             f"{self.metric}={_fmt(result.get(self.metric))}{exact} loss={_fmt(result.get('loss'))}",

@@ -36,10 +36,11 @@ def read_grid(path: Path, count: int, columns: int = COLUMNS) -> np.ndarray:
 def pick_columns(prompts: list[str], seeds: list[int], per_prompt: int = 2) -> list[int]:
     """Indices of the first `per_prompt` seeds of each distinct prompt, in order."""
     taken: dict[str, int] = {}
-    out = []
-    for i, p in enumerate(prompts):
-        if taken.get(p, 0) < per_prompt and (p, seeds[i]) not in {(prompts[j], seeds[j]) for j in out}:
-            taken[p] = taken.get(p, 0) + 1
+    seen, out = set(), []
+    for i, pair in enumerate(zip(prompts, seeds)):
+        if taken.get(pair[0], 0) < per_prompt and pair not in seen:
+            taken[pair[0]] = taken.get(pair[0], 0) + 1
+            seen.add(pair)
             out.append(i)
     return out
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import DEMO_TRIGGER, DatasetError, EpochSampler, ensure_demo_dataset, load_image, load_kohya_folder
+from toyworld.lora_task import TRIGGER as DEMO_TRIGGER
+from trainer.data import DatasetError, EpochSampler, ensure_demo_dataset, load_image, load_kohya_folder
 
 
 def test_demo_dataset_is_kohya_layout_with_trigger(tmp_path):

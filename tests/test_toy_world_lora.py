@@ -5,15 +5,13 @@ interior optimum to find. Judged by the exact oracle on seeds no sweep evaluates
 import pytest
 import torch
 
-from toyworld.lora_task import TRIGGER
+from toyworld.lora_task import TRIGGER, judge_prompts
 from toyworld.oracle import oracle_metrics
-from toyworld.world import KNOWN_COLORS, SHAPES
 from trainer.config import build_train_config
 from trainer.loop import LoraTrainer
 
 pytestmark = pytest.mark.slow
 
-SEEDS = list(range(500, 508))  # not the seeds of examples/suites/demo.yaml
 # Found with bench/toy_world_lora.py (BENCHMARKS.md); the demo's space is around it.
 GOOD = {"learning_rate": 3e-3, "rank": 4, "train_text_encoder": True, "max_train_steps": 300}
 
@@ -25,10 +23,7 @@ def _judge(**values) -> tuple[dict, dict]:
                                   resolution=64, train_batch_size=8, lr_scheduler="constant",
                                   sampling={"steps": 12, "guidance_scale": 5.0}, **values))
     trainer = LoraTrainer(cfg)
-    concept = [f"a {TRIGGER} {s}" for s in SHAPES]
-    prior = [f"a {c} {s}" for c in KNOWN_COLORS for s in SHAPES][::2]
-    prompts = [p for p in concept + prior for _ in SEEDS]
-    seeds = SEEDS * len(concept + prior)
+    prompts, seeds = judge_prompts()  # seeds no sweep evaluates on
     before = oracle_metrics(trainer.sample(prompts, seeds), prompts, TRIGGER)
     trainer.train()
     return before, oracle_metrics(trainer.sample(prompts, seeds), prompts, TRIGGER)

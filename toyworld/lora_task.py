@@ -107,3 +107,17 @@ def write_lora_dataset(folder: str | Path, layout: str = "kohya", count: int = 1
     except OSError:  # another process finished first; its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+# Seeds no sweep of the demo samples (examples/suites/demo.yaml uses 0-3): for judging a LoRA on
+# its held-out behaviour.
+HELD_OUT_SEEDS = tuple(range(500, 508))
+
+
+def judge_prompts(seeds: tuple[int, ...] = HELD_OUT_SEEDS, trigger: str = TRIGGER) -> tuple[list[str], list[int]]:
+    """(prompts, seeds) that judge a LoRA with the oracle: the trigger word with every shape
+    (concept_accuracy) and 8 of the 15 known colour-shape classes (prior_accuracy), each seed."""
+    concept = [concept_caption(s, trigger) for s in SHAPES]
+    prior = [caption(c, s) for c in KNOWN_COLORS for s in SHAPES][::2]
+    pairs = [(p, s) for p in concept + prior for s in seeds]
+    return [p for p, _ in pairs], [s for _, s in pairs]

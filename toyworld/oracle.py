@@ -73,12 +73,20 @@ def _shape_of(region: np.ndarray) -> str | None:
 
 # --------------------------------------------------------------------------- metrics of a suite
 
+def _has_trigger(prompt: str, trigger: str | None) -> bool:
+    return bool(trigger) and trigger.lower() in _words(prompt)
+
+
+def _words(prompt: str) -> list[str]:
+    return prompt.lower().replace(",", " ").split()
+
+
 def expected(prompt: str, trigger: str | None) -> Reading:
     """What a prompt of this world asks for: the shape it names, and the held-out colour when it
     holds the trigger word, else the colour it names. None where it names none."""
-    words = prompt.lower().replace(",", " ").split()
+    words = _words(prompt)
     shape = next((w for w in words if w in SHAPES), None)
-    if trigger and trigger.lower() in words:
+    if _has_trigger(prompt, trigger):
         return Reading(HELD_OUT_COLOR, shape)
     return Reading(next((w for w in words if w in COLORS), None), shape)
 
@@ -99,7 +107,7 @@ def oracle_metrics(images: np.ndarray, prompts: list[str], trigger: str | None) 
         if want.shape is None or want.color is None:
             continue
         got = read(image)
-        if trigger and trigger.lower() in prompt.lower().replace(",", " ").split():
+        if _has_trigger(prompt, trigger):
             concept.append(got == want)
             color_hits.append(got.color == HELD_OUT_COLOR)
         elif want.color != HELD_OUT_COLOR:

@@ -13,13 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from toyworld.lora_task import CLASS_WORD, TRIGGER, write_lora_dataset
+from toyworld.lora_task import write_lora_dataset
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 CAPTION_EXTENSIONS = (".txt", ".caption")
 DEMO_DATASET_ID = "builtin:demo"
-DEMO_TRIGGER = TRIGGER
-DEMO_CLASS = CLASS_WORD
 _KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
