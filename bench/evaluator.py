@@ -1,7 +1,7 @@
 """Shared evaluator service vs one CLIP model per client.
 
 N concurrent clients (Ray tasks, like trials) each score M images:
-  shared:   one `evaluator.service` actor loads the model once and batches every request;
+  shared:   one `evaluator.remote` actor loads the model once and batches every request;
   separate: each client loads its own `ClipModel` and scores its images itself.
 Wall time (first client submitted -> last result; for `shared` also with the service start
 included) and the peak of the summed RSS of every process involved (the clients' workers and,
@@ -76,7 +76,7 @@ def run_mode(mode: str, model: str, clients: int, images: int, size: int, thread
 
     @ray.remote(num_cpus=1)
     def shared_client(seed: int) -> tuple[int, float]:
-        from evaluator.service import connect_evaluator, score_remote
+        from evaluator.remote import connect_evaluator, score_remote
 
         h = connect_evaluator("bench-evaluator", timeout_s=600)
         out = score_remote(h, _images(seed, images, size), prompts, timeout_s=600)
@@ -102,7 +102,7 @@ def run_mode(mode: str, model: str, clients: int, images: int, size: int, thread
     t0 = time.perf_counter()
     pids, service_s = set(), 0.0
     if mode == "shared":
-        from evaluator.service import start_evaluator
+        from evaluator.remote import start_evaluator
 
         h = start_evaluator("bench-evaluator", model, None, num_cpus=1, torch_threads=threads,
                             max_batch_size=64, max_wait_ms=20, detached=False, timeout_s=600)
@@ -118,7 +118,7 @@ def run_mode(mode: str, model: str, clients: int, images: int, size: int, thread
               "service_start_s": service_s, "peak_rss_gib": monitor.peak_total(pids) / 2**30,
               "processes": len(pids)}
     if mode == "shared":
-        from evaluator.service import evaluator_stats
+        from evaluator.remote import evaluator_stats
 
         st = evaluator_stats(h)
         result.update(batches=st["batches"], batch_sizes=st["batch_sizes"],

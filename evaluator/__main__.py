@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from evaluator.common import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
 def _parser() -> argparse.ArgumentParser:

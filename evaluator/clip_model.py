@@ -21,7 +21,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from evaluator.common import DEFAULT_MODEL, DEFAULT_PRETRAINED, validate_images  # noqa: F401
+from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from evaluator.image_checks import validate_images
 from evaluator.tiny import TINY_CLIP_ID, TINY_CLIP_NAME, ensure_tiny_clip, register_tiny_clip
 
 

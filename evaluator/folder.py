@@ -17,21 +17,19 @@ import torch
 from PIL import Image
 
 from evaluator.clip_model import ClipModel
+from common.image_files import IMAGE_EXTENSIONS, images_in
 from evaluator.metrics import TORCHMETRICS_SCALE, clip_t
 from evaluator.score import suite_metrics
 from evaluator.suites import SuiteItem, clip_texts, expand_suite, load_suite
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 def image_files(folder: str | Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: images folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = images_in(folder)
     if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
     return files
 
 

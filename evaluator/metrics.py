@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from evaluator.common import TORCHMETRICS_SCALE  # 100: torchmetrics' CLIPScore
+from evaluator.defaults import TORCHMETRICS_SCALE  # 100: torchmetrics' CLIPScore
 
 HESSEL_SCALE = 2.5
 

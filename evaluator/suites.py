@@ -30,8 +30,9 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.yaml_files import YamlFileError, read_yaml
 
 KINDS = ("natural", "new_setting", "no_concept", "trigger_on", "trigger_off")
 PROMPT_KINDS = ("natural", "new_setting", "no_concept")  # the kinds that make up `clip_score`
@@ -151,9 +152,9 @@ def load_suite(path: str | Path) -> PromptSuite:
     if not path.is_file():
         raise SuiteError(f"{path}: suite file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SuiteError(f"{path}: not valid YAML: {err}") from None
+        data = read_yaml(path)
+    except YamlFileError as err:
+        raise SuiteError(str(err)) from None
     return parse_suite(data, str(path))
 
 

@@ -12,12 +12,8 @@ matches is built here instead (same code, a few CPU-minutes).
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, save_file
 
+from common.cache_dir import cache_root
+from common.files import atomic_write, atomic_write_text, file_lock, sha256_bytes
 from toyworld.world import all_classes, caption, render_shapes
 
 log = logging.getLogger(__name__)
@@ -61,10 +59,6 @@ SHIPPED_INFO = SHIPPED_DIR / "tiny-clip.json"
 _registered: set[Path] = set()
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LORASWEEP_CACHE", "~/.cache/lorasweep")).expanduser()
-
-
 def _models_dir(root: Path | str | None) -> Path:
     return (Path(root).expanduser() if root is not None else cache_root()) / "models"
 
@@ -81,25 +75,11 @@ def register_tiny_clip(root: Path | str | None = None) -> Path:
     text = json.dumps(TINY_CLIP_CONFIG, indent=2, sort_keys=True) + "\n"
     if not path.is_file() or path.read_text() != text:
         models.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(path, text, fsync=False)
     if path not in _registered or TINY_CLIP_NAME not in open_clip.list_models():
         open_clip.add_model_config(path)
         _registered.add(path)
     return path
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then move the result into place, so that readers never see a
-    half-written file (other processes may load it at any moment)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users and Ray workers read the cache
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _is_current(path: Path) -> bool:
@@ -124,14 +104,13 @@ def ensure_tiny_clip(root: Path | str | None = None) -> Path:
     path = models / TINY_CLIP_FILE
     if _is_current(path):
         return path
-    with open(models / f"{TINY_CLIP_FILE}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(models / f"{TINY_CLIP_FILE}.lock"):
         if not _is_current(path):
             start = time.perf_counter()
             state = shipped_tiny_clip_state()
             if state is None:
                 state = build_tiny_clip_state()
-            _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=tiny_clip_metadata()))
+            atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=tiny_clip_metadata()))
             log.info("wrote %s in %.1f s", path, time.perf_counter() - start)
     return path
 
@@ -153,7 +132,7 @@ def shipped_tiny_clip_state() -> dict[str, torch.Tensor] | None:
     if info.get("recipe") != TINY_CLIP_RECIPE or not _is_current(SHIPPED_FILE):
         return None
     data = SHIPPED_FILE.read_bytes()
-    if hashlib.sha256(data).hexdigest() != info.get("sha256"):
+    if sha256_bytes(data) != info.get("sha256"):
         log.warning("%s does not match its recorded sha256; building the tiny CLIP instead", SHIPPED_FILE)
         return None
     return {k: v.float().contiguous() for k, v in load(data).items()}

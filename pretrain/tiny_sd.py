@@ -30,8 +30,8 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from toyworld.world import HELD_OUT_COLOR, KNOWN_COLORS, render_world
-from trainer.checkpoint import sha256_file
-from trainer.prompts import encode_token_ids, tokenize
+from common.files import sha256_file
+from trainer.text_encoding import encode_token_ids, tokenize
 from trainer.tiny import SD15_SCHEDULER_CONFIG, build_tiny_sd_pipeline
 
 log = logging.getLogger("pretrain.tiny_sd")

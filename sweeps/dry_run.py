@@ -50,7 +50,7 @@ def _value(spec: SweepSpec, field: str) -> tuple[float | None, str]:
 def dataset_images(dataset: str, num_repeats: int | None) -> int | None:
     """Images per epoch with repeats for a kohya folder (`<repeats>_<name>/`), None when unreadable."""
     from trainer.data import resolve_dataset
-    from trainer.tiny import cache_root
+    from common.cache_dir import cache_root
 
     root = resolve_dataset(dataset, cache_root())  # a builtin is written once, then counted like any folder
     if not root.is_dir():

@@ -14,7 +14,7 @@ from trainer.cache import build_caches
 from trainer.data import DatasetError, resolve_dataset
 from trainer.datasets import load_train_data
 from trainer.model_loading import resolve_base_model
-from trainer.tiny import cache_root
+from common.cache_dir import cache_root
 
 
 def _resolve_base_model(base_model: str) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.overrides import apply_overrides
+from common.yaml_files import YamlFileError, read_yaml
+from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, build_train_config, format_validation_error
 
@@ -131,8 +133,8 @@ class EvalSpec(_Strict):
 
 
 class EvaluatorSpec(_Strict):
-    model: str = Field("ViT-L-14-quickgelu", description="open_clip model name, or builtin:tiny-clip.")
-    pretrained: str | None = Field("openai", description="open_clip pretrained tag or local checkpoint path.")
+    model: str = Field(DEFAULT_MODEL, description="open_clip model name, or builtin:tiny-clip.")
+    pretrained: str | None = Field(DEFAULT_PRETRAINED, description="open_clip pretrained tag or local checkpoint path.")
 
 
 class ObjectiveSpec(_Strict):
@@ -332,30 +334,19 @@ def parse_spec(data: dict, source: str = "<spec>") -> SweepSpec:
     return spec
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`--set train.max_train_steps=10` style overrides; values are parsed as YAML scalars."""
-    for item in overrides:
-        if "=" not in item:
-            raise SpecError("--set", [f"{item}: expected key=value, e.g. search.num_trials=4"])
-        key, value = item.split("=", 1)
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return data
-
-
 def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), ["file not found; pass --space pointing at a sweep YAML such as examples/demo.yaml"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SpecError(str(path), [f"not valid YAML: {err}"]) from None
-    data = apply_overrides(data, list(overrides))
-    suite = (data.get("eval") or {}).get("suite") if isinstance(data.get("eval"), dict) else None
+        data = read_yaml(path) or {}
+    except YamlFileError as err:
+        raise SpecError(str(path), [str(err)]) from None
+    if isinstance(data, dict):
+        problems = apply_overrides(data, list(overrides))
+        if problems:
+            raise SpecError("--set", problems)
+    suite = (data.get("eval") or {}).get("suite") if isinstance(data, dict) and isinstance(data.get("eval"), dict) else None
     if isinstance(suite, str) and not Path(suite).expanduser().is_absolute():
         # A suite path is relative to the spec file, so the spec works from any folder.
         data["eval"]["suite"] = str((path.parent / suite).resolve())

@@ -6,12 +6,14 @@ store PUT is atomic by itself (readers see the old object or the new one, never 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from common import files
+from common.files import atomic_write, sha256_bytes
 
 
 def _current_umask() -> int:
@@ -98,21 +100,7 @@ def write_text(location: str | os.PathLike, text: str) -> None:
 
 
 def _write_local(dst: Path, data: bytes) -> None:
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    except OSError as err:
-        raise StorageError(f"{dst}: cannot write ({err.strerror}); make {dst.parent} writable or choose another `storage:`") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, dst)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise StorageError(f"{dst}: write failed ({err.strerror}); nothing was written (disk full?)") from None
+    _local_atomic(dst, lambda tmp: tmp.write_bytes(data))
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -125,35 +113,26 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def _copy_local(src: Path, dst: Path) -> None:
     # Streamed rather than read whole: LoRA files of large ranks reach hundreds of MB.
+    if not src.is_file():
+        raise StorageError(f"{src}: not found")
+    _local_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _local_atomic(dst: Path, write) -> None:
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     except OSError as err:
-        raise StorageError(f"{dst}: cannot write ({err.strerror}); make {dst.parent} writable") from None
+        raise StorageError(f"{dst}: cannot write ({err.strerror}); make {dst.parent} writable "
+                           "or choose another `storage:`") from None
     try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            while chunk := fin.read(1 << 22):
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, dst)
-    except FileNotFoundError:
-        Path(tmp).unlink(missing_ok=True)
-        raise StorageError(f"{src}: not found") from None
+        atomic_write(dst, write, mode=_FILE_MODE)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise StorageError(f"{dst}: write failed ({err.strerror}); nothing was written (disk full?)") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    if is_uri(path):
-        return hashlib.sha256(read_bytes(path)).hexdigest()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a local file or of an object at a URI."""
+    return sha256_bytes(read_bytes(path)) if is_uri(path) else files.sha256_file(path)
 
 
 def check_writable(location: str | os.PathLike) -> None:

@@ -60,7 +60,7 @@ def make_suite_scorer(spec: SweepSpec, evaluator_name: str | None, trainer: Lora
 
 
 def _remote(spec, evaluator_name, trainer, items, base_items, make_base, fresh) -> Scorer:
-    from evaluator.service import connect_evaluator, ensure_reference, has_reference, score_suite_remote
+    from evaluator.remote import connect_evaluator, ensure_reference, has_reference, score_suite_remote
 
     handle = connect_evaluator(name=evaluator_name, timeout_s=120)
     train_key, base_key = f"{spec.name}/train", f"{spec.name}/base"

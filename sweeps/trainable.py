@@ -158,7 +158,7 @@ def load_trainer_state(trainer: LoraTrainer, folder: Path) -> None:
 def make_scorer(spec: SweepSpec, evaluator_name: str | None) -> Scorer:
     """The sweep's shared evaluator actor when the driver started one, else a CLIP model in this process."""
     if evaluator_name:
-        from evaluator.service import connect_evaluator, score_remote
+        from evaluator.remote import connect_evaluator, score_remote
 
         handle = connect_evaluator(name=evaluator_name, timeout_s=120)
         return lambda images, prompts: score_remote(handle, images, prompts, timeout_s=600)

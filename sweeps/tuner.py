@@ -131,14 +131,14 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
         return tuner.fit()
     finally:
         if handle is not None:
-            from evaluator.service import stop_evaluator
+            from evaluator.remote import stop_evaluator
 
             stop_evaluator(name=evaluator_name(spec))
 
 
 def _start_evaluator(spec: SweepSpec):
     """One evaluator actor per node for the whole sweep: one CLIP model copy serves the node's trials."""
-    from evaluator.service import start_evaluator
+    from evaluator.remote import start_evaluator
 
     name = evaluator_name(spec)
     # No CPU reserved: it computes in short bursts between trainings, and a held CPU would idle

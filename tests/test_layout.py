@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY_ALLOWED = {"evaluator.service"}
+RAY_ALLOWED = {"evaluator.remote"}
 
 
 def _modules(package: str) -> list[str]:

@@ -15,9 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.overrides import apply_overrides
+from common.yaml_files import YamlFileError, read_yaml
 from trainer.config import TrainConfig, format_validation_error
 
 EXIT_CONFIG = 2
@@ -43,35 +44,15 @@ class ConfigProblems(Exception):
         self.problems = problems
 
 
-def _set_dotted(values: dict, dotted: str, raw: str) -> None:
-    keys = dotted.split(".")
-    node = values
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"{dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
-
-
 def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str | None) -> tuple[TrainConfig, OutputOptions]:
     """Validated training config and output options, or ConfigProblems listing every problem."""
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise ConfigProblems([f"{path}: cannot read the config ({err.strerror or err})"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigProblems([f"{path}: not valid YAML ({err})"]) from None
+        values = read_yaml(path) or {}
+    except YamlFileError as err:
+        raise ConfigProblems([str(err)]) from None
     if not isinstance(values, dict):
         raise ConfigProblems([f"{path}: the top level must be a mapping of config keys"])
-    problems = []
-    for item in sets:
-        key, eq, raw = item.partition("=")
-        try:
-            if not eq or not key:
-                raise ValueError(f"--set {item!r}: expected key=value")
-            _set_dotted(values, key.strip(), raw)
-        except (ValueError, yaml.YAMLError) as err:
-            problems.append(str(err))
+    problems = apply_overrides(values, sets)
     out_values = values.pop("output", None) or {}
     if not isinstance(out_values, dict):
         problems.append("output: must be a mapping (dir, name, format, scale)")
@@ -98,7 +79,7 @@ def check_paths(cfg: TrainConfig) -> list[str]:
     from trainer.data import DatasetError, resolve_dataset
     from trainer.datasets import detect_dataset_type
     from trainer.model_loading import BaseModelError, resolve_base_model
-    from trainer.tiny import cache_root
+    from common.cache_dir import cache_root
 
     problems = []
     try:

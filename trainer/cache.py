@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.config import TrainConfig
-from trainer.data import file_lock, load_image
+from common.files import atomic_write, file_lock
+from trainer.data import load_image
 from trainer.datasets import TrainData, ensure_class_images, load_train_data
-from trainer.prompts import encode_prompts
-from trainer.tiny import cache_root
+from trainer.text_encoding import encode_prompts
+from common.cache_dir import cache_root
 
 CACHE_VERSION = "lorasweep-cache-1"  # bump when the stored layout or the preprocessing code changes
 LATENTS_FILE = "latents.safetensors"
@@ -91,9 +91,7 @@ def _load_or_build(folder: Path, filename: str, build) -> tuple[dict[str, torch.
         with file_lock(folder / ".lock"):
             if not target.is_file():  # another process may have built it while we waited
                 tensors, metadata = build()
-                tmp = folder / f".{filename}.{os.getpid()}.tmp"
-                save_file(tensors, str(tmp), metadata=metadata)
-                os.replace(tmp, target)
+                atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), fsync=False)
     from safetensors import safe_open
 
     with safe_open(str(target), framework="pt") as fh:

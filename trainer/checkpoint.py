@@ -15,17 +15,16 @@ Other files in the folder (a LoRA export, sample images) are left alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from common.files import atomic_write, sha256_file
 
 STATE_FILE = "trainer_state.safetensors"
 META_FILE = "trainer_state.json"
@@ -104,38 +103,13 @@ def decode_state(tree, tensors: dict[str, torch.Tensor]):
 # --------------------------------------------------------------------------- files
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _replace_atomically(folder: Path, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=folder)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        _fsync(Path(tmp))
-        os.replace(tmp, folder / name)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_checkpoint(trainer, folder: str | Path) -> Path:
     """Write `trainer.state_dict()` into `folder` (created if needed); returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_state(trainer.state_dict(), tensors)
-    _replace_atomically(folder, STATE_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(folder / STATE_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     meta = {
         "format": FORMAT,
         "global_step": getattr(trainer, "global_step", None),
@@ -143,7 +117,7 @@ def save_checkpoint(trainer, folder: str | Path) -> Path:
         "num_tensors": len(tensors),
         "state": tree,
     }
-    _replace_atomically(folder, META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
+    atomic_write(folder / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
     return folder
 
 

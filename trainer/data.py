@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,21 +63,6 @@ def _read_caption(image: Path) -> str | None:
         if path.is_file():
             return path.read_text(encoding="utf-8").strip() or None
     return None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (fcntl) on `path`, held for the block; other processes wait.
-
-    Works across processes on one machine and on NFS with lockd; the lock file itself is left behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def resolve_dataset(dataset: str, cache_root: Path) -> Path:

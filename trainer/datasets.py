@@ -18,8 +18,9 @@ from PIL import Image
 
 from trainer.buckets import Size, make_buckets, nearest_bucket
 from trainer.config import TrainConfig
-from trainer.data import IMAGE_EXTENSIONS, DatasetError, Example, file_lock, load_kohya_folder, resolve_dataset
-from trainer.tiny import cache_root
+from common.files import file_lock
+from trainer.data import IMAGE_EXTENSIONS, DatasetError, Example, load_kohya_folder, resolve_dataset
+from common.cache_dir import cache_root
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "metadata.jsonl"

@@ -7,7 +7,6 @@ reader never sees half a file and a crash leaves the previous export in place.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,17 +15,12 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from trainer.kohya import ADAPTER, kohya_metadata, kohya_state_dict
+from common.files import atomic_folder, atomic_write
+from trainer.kohya_lora_format import ADAPTER, kohya_metadata, kohya_state_dict
 
 __all__ = ["save_lora_diffusers", "save_lora_kohya", "kohya_metadata", "fuse_lora_into_checkpoint"]
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-
-
-def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def save_lora_diffusers(unet, path: str | Path, text_encoder=None) -> Path:
@@ -78,13 +72,7 @@ def save_lora_kohya(
     meta = dict(metadata or {})
     if scale != 1.0:
         meta["lorasweep_export_scale"] = str(float(scale))
-    tmp = _tmp_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
@@ -112,7 +100,7 @@ def fuse_lora_into_checkpoint(
     `out_path` ending in `.safetensors` gives one original-SD (LDM layout) checkpoint file, as
     A1111 and ComfyUI load; any other path gives a diffusers pipeline folder.
     """
-    from trainer.tiny import diffusers_folder_to_ldm_state_dict
+    from trainer.ldm_conversion import diffusers_folder_to_ldm_state_dict
 
     out_path = Path(out_path)
     lora_path = Path(lora_path)
@@ -122,26 +110,13 @@ def fuse_lora_into_checkpoint(
     pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name="fuse")
     pipe.fuse_lora(lora_scale=float(scale), adapter_names=["fuse"])
     pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
+    if out_path.suffix != ".safetensors":
+        with atomic_folder(out_path) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        return out_path
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out_path.suffix == ".safetensors":
-            tmp_file = _tmp_path(out_path)
-            try:
-                state = diffusers_folder_to_ldm_state_dict(tmp)
-                save_file(state, str(tmp_file), metadata={"format": "pt", "lorasweep_fused_lora": lora_path.name})
-                os.chmod(tmp_file, 0o644)
-                os.replace(tmp_file, out_path)
-            finally:
-                tmp_file.unlink(missing_ok=True)
-        else:
-            old = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
-            if out_path.exists():
-                os.replace(out_path, old)
-            os.replace(tmp, out_path)
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        state = diffusers_folder_to_ldm_state_dict(tmp)
+    atomic_write(out_path, lambda f: save_file(state, str(f), metadata={"format": "pt", "lorasweep_fused_lora": lora_path.name}))
     return out_path
 

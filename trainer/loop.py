@@ -24,7 +24,7 @@ from trainer.config import TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES, TrainCon
 from trainer.data import EpochSampler, Example, load_image
 from trainer.datasets import ensure_class_images, load_train_data
 from trainer.model_loading import SDComponents, load_sd_components
-from trainer.prompts import encode_prompts
+from trainer.text_encoding import encode_prompts
 
 MetricsCallback = Callable[[dict], None]
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,10 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from common.files import atomic_write
 from trainer.config import SamplingConfig
 from trainer.model_loading import SDComponents
-from trainer.prompts import encode_prompts
+from trainer.text_encoding import encode_prompts
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -97,8 +97,7 @@ def generate_class_images(models: SDComponents, cfg, count: int, folder: Path, b
         )
         for i, im in zip(idx, images):
             path = folder / f"class_{i:05d}.png"
-            tmp = folder / f".class_{i:05d}.{os.getpid()}.tmp"
-            Image.fromarray(im).save(tmp, format="PNG")
-            os.replace(tmp, path)  # atomic: a reader never sees half an image
+            # atomic: a reader never sees half an image
+            atomic_write(path, lambda tmp, im=im: Image.fromarray(im).save(tmp, format="PNG"), fsync=False)
             written.append(path)
     return written

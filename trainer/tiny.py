@@ -18,27 +18,22 @@ are renamed into place.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
-import hashlib
 import importlib.util
 import json
 import logging
-import os
-import re
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from trainer.checkpoint import sha256_file
+from common.cache_dir import cache_root
+from common.files import atomic_folder, atomic_write, file_lock, remove_leftovers, sha256_bytes, sha256_file
+from trainer.ldm_conversion import diffusers_folder_to_ldm_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +70,6 @@ SD15_SCHEDULER_CONFIG = {
     "timestep_spacing": "leading",
     "trained_betas": None,
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORASWEEP_CACHE", "~/.cache/lorasweep")).expanduser()
 
 
 def _models_dir(root: Path | str | None) -> Path:
@@ -233,27 +224,6 @@ def load_toy_sd_pipeline(weights: Path | None = None) -> StableDiffusionPipeline
 # --------------------------------------------------------------------------- cache
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    # flock conflicts between open file descriptions even within one process: never nest two
-    # _exclusive() on the same path.
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _remove_leftovers(models: Path, prefix: str) -> None:
-    # Temporary builds of a killed process; only lock holders create them, so none is in use.
-    for stale in models.glob(prefix + "*"):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
-
-
 def _recipe_key(pretrained: bool) -> str:
     if not pretrained:
         return f"{TINY_SD_RECIPE}/random-seed-0"
@@ -262,7 +232,7 @@ def _recipe_key(pretrained: bool) -> str:
         info = json.loads((SHIPPED_WEIGHTS / "recipe.json").read_text())
     except (OSError, ValueError):
         info = shipped_weights_info()  # raises, saying what is missing and how to rebuild it
-    digest = hashlib.sha256(json.dumps(info["sha256"], sort_keys=True).encode()).hexdigest()[:16]
+    digest = sha256_bytes(json.dumps(info["sha256"], sort_keys=True).encode())[:16]
     return f"{TINY_SD_RECIPE}/{info['recipe']['version']}/{digest}"
 
 
@@ -282,24 +252,17 @@ def ensure_tiny_sd(root: Path | str | None = None, pretrained: bool = True) -> P
     key = _recipe_key(pretrained)
     if _folder_is_current(folder, key):
         return folder
-    with _exclusive(models / f"{name}.lock"):
+    with file_lock(models / f"{name}.lock"):
         if _folder_is_current(folder, key):  # another process built it while we waited
             return folder
-        _remove_leftovers(models, f".{name}.tmp-")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        try:
+        remove_leftovers(models, name)  # a killed build's; only lock holders make them
+        with atomic_folder(folder) as tmp:
             pipe = load_toy_sd_pipeline() if pretrained else build_tiny_sd_pipeline()
             pipe.save_pretrained(tmp, safe_serialization=True)
             # Also the classic tokenizer files, as SD 1.5's folder has them (older loaders need them).
             write_clip_bpe_files(tmp / "tokenizer")
             (tmp / _MARKER).write_text(json.dumps({"recipe": key}))
-            if folder.exists():  # an older recipe's build
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-            log.info("assembled the tiny SD pipeline at %s", folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("assembled the tiny SD pipeline at %s", folder)
     return folder
 
 
@@ -320,143 +283,11 @@ def ensure_tiny_sd_single_file(root: Path | str | None = None) -> Path:
     key = _recipe_key(True)
     if _file_is_current(path, key):
         return path
-    with _exclusive(folder.parent / f"{_SINGLE_FILE}.lock"):
+    with file_lock(folder.parent / f"{_SINGLE_FILE}.lock"):
         if _file_is_current(path, key):
             return path
-        _remove_leftovers(folder.parent, f".{_SINGLE_FILE}.tmp-")
+        remove_leftovers(folder.parent, _SINGLE_FILE)
         state = diffusers_folder_to_ldm_state_dict(folder)
-        fd, tmp = tempfile.mkstemp(prefix=f".{_SINGLE_FILE}.tmp-", dir=folder.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o644)
-        try:
-            save_file(state, tmp, metadata={"format": "pt", "lorasweep_recipe": key})
-            os.replace(tmp, path)
-            log.info("wrote the tiny SD single-file checkpoint %s", path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "lorasweep_recipe": key}))
+        log.info("wrote the tiny SD single-file checkpoint %s", path)
     return path
-
-
-# --------------------------------------------------------------------------- diffusers -> LDM
-
-_UNET_FIXED = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _rename_resnet(rest: str, table: dict[str, str]) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{table.get(head, head)}.{tail}"
-
-
-def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attn: set[int]) -> str:
-    """One diffusers UNet key -> its name under `model.diffusion_model.` in an SD 1.x checkpoint.
-
-    LDM numbers blocks flat: input_blocks[0] is conv_in, then per level `layers_per_block`
-    (resnet, attention) pairs and one downsampler; output_blocks have one more pair per level
-    and put the upsampler after the attention (index 2) or, with none, after the resnet (1).
-    """
-    n = layers_per_block + 1
-    for prefix, ldm in _UNET_FIXED.items():
-        if key.startswith(prefix + "."):
-            return ldm + key[len(prefix) :]
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "resnets":
-            return f"input_blocks.{1 + b * n + j}.0.{_rename_resnet(rest, _UNET_RESNET)}"
-        return f"input_blocks.{1 + b * n + j}.1.{rest}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * n + layers_per_block}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_rename_resnet(m[2], _UNET_RESNET)}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "resnets":
-            return f"output_blocks.{b * n + j}.0.{_rename_resnet(rest, _UNET_RESNET)}"
-        return f"output_blocks.{b * n + j}.1.{rest}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        b = int(m[1])
-        return f"output_blocks.{b * n + layers_per_block}.{2 if b in up_blocks_with_attn else 1}.conv.{m[2]}"
-    raise KeyError(f"no SD 1.x (LDM) name for UNet key {key!r}")
-
-
-def vae_key_to_ldm(key: str, num_blocks: int) -> str:
-    """One diffusers AutoencoderKL key -> its name under `first_stage_model.`. The LDM decoder
-    numbers its levels from the bottom, diffusers from the top: up_blocks.i is up.(n-1-i)."""
-    if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
-        return f"{m[1]}.norm_out.{m[2]}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"encoder.down.{m[1]}.block.{m[2]}.{_rename_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        level = num_blocks - 1 - int(m[1])
-        return f"decoder.up.{level}.block.{m[2]}.{_rename_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        return f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_[qkv]|to_out\.0)\.(.+)", key):
-        return f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
-    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(post_)?quant_conv\..+", key):
-        return key
-    raise KeyError(f"no SD 1.x (LDM) name for VAE key {key!r}")
-
-
-def diffusers_to_ldm_state_dict(
-    unet: dict[str, torch.Tensor],
-    vae: dict[str, torch.Tensor],
-    text_encoder: dict[str, torch.Tensor],
-    unet_config: dict,
-    vae_config: dict,
-) -> dict[str, torch.Tensor]:
-    """Three diffusers/transformers state dicts -> one SD 1.x checkpoint state dict."""
-    lpb = unet_config["layers_per_block"]
-    n_up = len(unet_config["up_block_types"])
-    with_attn = {i for i, t in enumerate(unet_config["up_block_types"]) if "CrossAttn" in t}
-    if not isinstance(lpb, int) or n_up != len(unet_config["down_block_types"]):
-        raise ValueError("only SD 1.x-style UNets (one int layers_per_block, symmetric blocks) convert")
-    out: dict[str, torch.Tensor] = {}
-    for k, v in unet.items():
-        out["model.diffusion_model." + unet_key_to_ldm(k, lpb, with_attn)] = v
-    n_vae = len(vae_config["block_out_channels"])
-    for k, v in vae.items():
-        name = vae_key_to_ldm(k, n_vae)
-        # LDM's VAE attention uses 1x1 convolutions where diffusers uses linear layers.
-        if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", name) and v.ndim == 2:
-            v = v[:, :, None, None]
-        out["first_stage_model." + name] = v
-    for k, v in text_encoder.items():
-        if k.endswith("position_ids"):  # a buffer, recomputed by transformers
-            continue
-        # transformers 5 saves CLIPTextModel flattened; checkpoints keep the 4.x `text_model.` level.
-        out["cond_stage_model.transformer.text_model." + k.removeprefix("text_model.")] = v
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
-
-
-def diffusers_folder_to_ldm_state_dict(folder: Path | str) -> dict[str, torch.Tensor]:
-    """Read the safetensors of a diffusers SD 1.x folder and convert them (no model is built)."""
-    folder = Path(folder)
-    return diffusers_to_ldm_state_dict(
-        unet=load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"),
-        vae=load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"),
-        text_encoder=load_file(folder / "text_encoder" / "model.safetensors"),
-        unet_config=json.loads((folder / "unet" / "config.json").read_text()),
-        vae_config=json.loads((folder / "vae" / "config.json").read_text()),
-    )

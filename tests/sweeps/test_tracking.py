@@ -15,7 +15,7 @@ import pytest
 from sweeps.spec import load_spec
 from sweeps.tracking import read_history, read_records, sync_command, trial_settings, wandb_mode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.yaml"
 
 

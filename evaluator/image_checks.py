@@ -1,16 +1,8 @@
-"""Light definitions shared by the model wrapper and the service's clients (numpy only), so that
-a Ray client of the evaluator service does not import torch or open_clip."""
+"""What the evaluator accepts as images (numpy only, so a Ray client checks before sending)."""
 
 from __future__ import annotations
 
 import numpy as np
-
-# For real scoring: ViT-L/14 with OpenAI's weights, the CLIP that SD 1.x's text encoder comes
-# from and the one most CLIP-score numbers in papers use. OpenAI trained it with QuickGELU, so
-# the `-quickgelu` config is the one that matches those weights.
-DEFAULT_MODEL = "ViT-L-14-quickgelu"
-DEFAULT_PRETRAINED = "openai"
-TORCHMETRICS_SCALE = 100.0  # CLIP-T scale; see evaluator.metrics
 
 
 def validate_images(images: object) -> None:

@@ -22,7 +22,7 @@ from sweeps.search import (
 )
 from sweeps.spec import parse_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _spec(space: dict, **over):

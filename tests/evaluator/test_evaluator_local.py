@@ -20,7 +20,7 @@ from evaluator.batching import ImageBatcher
 from toyworld.world import render_shapes
 from evaluator.suites import clip_texts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_SUITE = ROOT / "examples" / "suites" / "demo.yaml"
 
 
@@ -197,7 +197,7 @@ def test_embed_image_list_is_one_forward_equal_to_separate(clip):
 
 
 def test_service_body_without_ray_caches_texts_and_references(clip):
-    from evaluator.serving import EvaluatorService, MissingReference
+    from evaluator.evaluator_service import EvaluatorService, MissingReference
 
     images, caps = render_shapes(6, seed=71)
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from trainer.__main__ import ConfigProblems, read_run_config
 from trainer.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "train.yaml"
 
 
@@ -82,7 +82,7 @@ def test_bad_config_exits_2_naming_every_field(tmp_path):
 
 
 def test_unreadable_config_and_bad_set_are_reported(tmp_path):
-    with pytest.raises(ConfigProblems, match="cannot read"):
+    with pytest.raises(ConfigProblems, match="missing.yaml: file not found"):
         read_run_config(str(tmp_path / "missing.yaml"), [], None, None)
     (tmp_path / "broken.yaml").write_text("rank: [1,\n")
     with pytest.raises(ConfigProblems, match="not valid YAML"):

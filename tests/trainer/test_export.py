@@ -241,7 +241,7 @@ def test_fused_checkpoint_equals_lora_loaded(kohya_full, tmp_path, tiny_sd_dir, 
 
 
 def test_dataset_summary_for_imagefolder_and_dreambooth(tmp_path):
-    from trainer.kohya import dataset_summary
+    from trainer.kohya_lora_format import dataset_summary
 
     imf = tmp_path / "imf"
     imf.mkdir()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from trainer.model_loading import load_sd_components
-from trainer.prompts import encode_prompts, tokenize
+from trainer.text_encoding import encode_prompts, tokenize
 
 
 @pytest.fixture(scope="module")

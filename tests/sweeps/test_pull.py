@@ -17,7 +17,7 @@ from sweeps.results import TrialRecord, TrialRow
 from sweeps.spec import load_spec
 from sweeps.trainable import LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, TRIAL_INFO, save_grid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _record(tmp: Path, trial_id: str, lr: float, rank: int, score: float) -> TrialRecord:

@@ -24,11 +24,12 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from evaluator.common import DEFAULT_MODEL, DEFAULT_PRETRAINED, TORCHMETRICS_SCALE, validate_images
-from evaluator.serving import EvaluatorService, MissingReference, _check_prompts
+from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, TORCHMETRICS_SCALE
+from evaluator.image_checks import validate_images
+from evaluator.evaluator_service import EvaluatorService, MissingReference, _check_prompts
 from evaluator.suites import SuiteItem, check_items
 
-# torch, open_clip and the model wrapper are imported inside the actor only (evaluator.serving):
+# torch, open_clip and the model wrapper are imported inside the actor only (evaluator.evaluator_service):
 # clients (trials, benchmarks) talk to the service with numpy and Ray alone.
 __all__ = ["NAMESPACE", "DEFAULT_NAME", "EvaluatorError", "EvaluatorGone", "EvaluatorTimeout",
            "MissingReference", "start_evaluator", "connect_evaluator", "stop_evaluator",
@@ -56,7 +57,7 @@ _OWNED: dict[str, ray.actor.ActorHandle] = {}  # non-detached replicas live whil
 
 
 def _restart_hint(name: str) -> str:
-    return (f"restart it with evaluator.service.start_evaluator(name={name!r}, model=..., "
+    return (f"restart it with evaluator.remote.start_evaluator(name={name!r}, model=..., "
             "pretrained=...) (the sweep driver does this at the start of a sweep), then "
             f"reconnect with connect_evaluator(name={name!r})")
 

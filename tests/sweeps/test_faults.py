@@ -14,7 +14,7 @@ import torch
 from sweeps import run as run_cli
 from sweeps.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.yaml"
 
 

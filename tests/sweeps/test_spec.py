@@ -5,7 +5,7 @@ import yaml
 
 from sweeps.spec import SpecError, load_spec, parse_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _base(**over):

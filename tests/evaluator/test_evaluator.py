@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from evaluator import (HESSEL_SCALE, TINY_CLIP_ID, TINY_CLIP_NAME, ClipModel, cache_root, clip_t,
+from evaluator import (HESSEL_SCALE, TINY_CLIP_ID, TINY_CLIP_NAME, ClipModel, clip_t,
                        ensure_tiny_clip, mean_clip_t, score_images)
 from evaluator import tiny
 from toyworld.world import all_classes, caption, render_shapes
@@ -122,13 +122,6 @@ def test_shipped_tiny_clip_matches_its_hash_and_judges_the_whole_world():
     assert acc >= 0.95, per_class
     assert min(per_class.values()) >= 0.85, per_class  # the held-out colour included
     assert json.loads(tiny.SHIPPED_INFO.read_text())["zero_shot_accuracy"] == pytest.approx(acc, abs=0.01)
-
-
-def test_cache_root_follows_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("LORASWEEP_CACHE", str(tmp_path / "c"))
-    assert cache_root() == tmp_path / "c"
-    monkeypatch.delenv("LORASWEEP_CACHE")
-    assert str(cache_root()) == os.path.expanduser("~/.cache/lorasweep")
 
 
 def _fake_state() -> dict:

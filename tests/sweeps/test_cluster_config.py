@@ -23,7 +23,7 @@ import yaml
 from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AWS = ROOT / "cluster.yaml"
 ONPREM = ROOT / "cluster-onprem.yaml"
 CONFIGS = pytest.mark.parametrize("path", [AWS, ONPREM], ids=["aws", "onprem"])

@@ -12,20 +12,19 @@ all three.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 from collections import Counter
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
+
+from common.files import sha256_file
 
 ADAPTER = "default"
 UNET_PREFIX = "lora_unet_"
@@ -109,21 +108,6 @@ def kohya_state_dict(
 
 
 # --------------------------------------------------------------------------- metadata
-
-
-@lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) for this process (SD 1.5's UNet is 3.4 GB)."""
-    st = os.stat(path)
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 def base_model_weights_file(base_model: str) -> Path | None:
@@ -213,7 +197,7 @@ def kohya_metadata(cfg, **extra) -> dict[str, str]:
     safetensors needs.
     """
     from trainer.data import resolve_dataset
-    from trainer.tiny import cache_root
+    from common.cache_dir import cache_root
 
     train_te = bool(getattr(cfg, "train_text_encoder", False))
     te_lr = getattr(cfg, "te_lr", None) or cfg.learning_rate
@@ -221,7 +205,7 @@ def kohya_metadata(cfg, **extra) -> dict[str, str]:
     dataset_dir = resolve_dataset(cfg.dataset, cache_root())
     dirs, tags = dataset_summary(dataset_dir, getattr(cfg, "instance_prompt", None), getattr(cfg, "num_repeats", None))
     weights = base_model_weights_file(cfg.base_model)
-    full_hash = file_sha256(weights) if weights else "unknown"
+    full_hash = sha256_file(weights) if weights else "unknown"
     output_name = str(extra.get("output_name", "lora"))
     network_args = {"target_modules": cfg.target_modules}
     if cfg.target_modules == "all":

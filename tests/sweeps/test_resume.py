@@ -16,7 +16,7 @@ from sweeps.results import load_records
 from sweeps.search import load_study
 from sweeps.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.yaml"
 TRIALS = 4
 ENDED = ("complete", "pruned")  # the demo spec's median pruner may stop trials early

@@ -15,7 +15,7 @@ from evaluator import (DEFAULT_OBJECTIVE_WEIGHTS, DEFAULT_SUITE, ObjectiveWeight
                        suite_metrics, trigger_effect)
 from evaluator.suites import clip_texts, drop_word
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

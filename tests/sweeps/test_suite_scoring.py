@@ -9,7 +9,7 @@ from sweeps.spec import parse_spec
 from sweeps.suite_scoring import make_suite_scorer, training_images
 from trainer.loop import LoraTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_plain_prompt_specs_use_no_suite(suite_setup, tiny_sd_dir, demo_dataset)
 def test_shared_service_gives_the_local_scores(suite_setup):
     import ray
 
-    from evaluator.service import evaluator_stats, start_evaluator, stop_evaluator
+    from evaluator.remote import evaluator_stats, start_evaluator, stop_evaluator
 
     spec, trainer = suite_setup
     prompts, seeds = spec.eval_prompts()

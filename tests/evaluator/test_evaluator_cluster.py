@@ -9,7 +9,7 @@ from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from evaluator import TINY_CLIP_ID
-from evaluator.service import connect_evaluator, score_remote, start_evaluator, stop_evaluator
+from evaluator.remote import connect_evaluator, score_remote, start_evaluator, stop_evaluator
 from toyworld.world import render_shapes
 
 pytestmark = pytest.mark.slow

@@ -27,7 +27,7 @@ from trainer.tiny import (
     shipped_weights_info,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODELS = ("unet", "vae", "text_encoder")
 
 
@@ -242,7 +242,7 @@ def test_concurrent_builds_do_not_corrupt(tmp_path):
     """Two processes enter ensure_tiny_sd together on an empty cache (and a crashed build left a
     temporary folder): both get the same complete folder."""
     models = tmp_path / "models"
-    (models / ".tiny-sd-toy.tmp-crashed").mkdir(parents=True)
+    (models / ".tiny-sd-toy.crashed.tmp").mkdir(parents=True)
     code = (
         "import sys; from trainer.tiny import ensure_tiny_sd; print('ready', flush=True); "
         "print(ensure_tiny_sd(sys.argv[1]))"

@@ -12,14 +12,14 @@ import ray
 
 from evaluator import (TINY_CLIP_ID, ClipModel, evaluate_suite, expand_suite, load_suite,
                        score_images)
-from evaluator.service import (EvaluatorError, EvaluatorGone, EvaluatorTimeout, MissingReference,
+from evaluator.remote import (EvaluatorError, EvaluatorGone, EvaluatorTimeout, MissingReference,
                                connect_evaluator, embed_remote, ensure_reference, evaluator_stats,
                                has_reference, put_reference, reference_key, score_remote,
                                score_suite_remote, start_evaluator, stop_evaluator)
 from toyworld.world import render_shapes
 
 NAME = "test-evaluator"
-DEMO_SUITE = Path(__file__).resolve().parents[1] / "examples" / "suites" / "demo.yaml"
+DEMO_SUITE = Path(__file__).resolve().parents[2] / "examples" / "suites" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_bad_input_is_refused_clearly(service, images, prompts, error, words):
 
 def test_bad_input_that_reaches_the_service_comes_back_as_itself(service):
     ref = service.score.remote(np.zeros((2, 64, 64, 3), np.float32), ["a", "b"])
-    from evaluator.service import _call
+    from evaluator.remote import _call
     with pytest.raises(ValueError, match="dtype uint8") as info:
         _call(service, ref, 30)
     assert "RayTaskError" not in type(info.value).__name__

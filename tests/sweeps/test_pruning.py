@@ -26,7 +26,7 @@ from sweeps.spec import parse_spec
 # Ray workers cannot import this test module: ship its functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = (10, 20, 30, 40, 50)  # the stub's eval steps
 
 

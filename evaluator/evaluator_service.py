@@ -1,5 +1,5 @@
 """The evaluator service's body, without Ray: one CLIP model, a request batcher, caches of text
-embeddings and of reference-image embeddings. `evaluator.service` runs it as a Ray actor; tests
+embeddings and of reference-image embeddings. `evaluator.remote` runs it as a Ray actor; tests
 can drive it with asyncio alone.
 
 Each request is a coroutine; images of concurrent requests share model forwards
@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from evaluator.batching import ImageBatcher
-from evaluator.common import TORCHMETRICS_SCALE, validate_images
+from evaluator.defaults import TORCHMETRICS_SCALE
+from evaluator.image_checks import validate_images
 from evaluator.suites import SuiteItem, check_items, clip_texts
 
 _TEXT_CACHE = 4096  # text embeddings kept
@@ -28,7 +29,7 @@ class MissingReference(LookupError):
 
 
 class EvaluatorService:
-    """The service's body; `evaluator.service` makes it a Ray actor. Async: each request is a
+    """The service's body; `evaluator.remote` makes it a Ray actor. Async: each request is a
     coroutine; the model runs in one worker thread, fed by `ImageBatcher`."""
 
     def __init__(self, name: str, model: str, pretrained: str | None, device: str | None,
