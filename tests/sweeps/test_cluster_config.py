@@ -26,7 +26,11 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 ROOT = Path(__file__).resolve().parents[2]
 AWS = ROOT / "cluster.yaml"
 ONPREM = ROOT / "cluster-onprem.yaml"
-CONFIGS = pytest.mark.parametrize("path", [AWS, ONPREM], ids=["aws", "onprem"])
+# Every cluster config the repo ships (tests/test_shipped_yaml.py requires cluster configs to be
+# named like this), so a new one gets the generic checks below.
+SHIPPED_CONFIGS = sorted(ROOT.glob("cluster*.yaml"))
+CONFIGS = pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+DOCS = ROOT / "docs" / "cluster.md"
 DASHBOARD_PORT = 8265
 PROJECT_DIR = "~/lorasweep"
 
@@ -167,18 +171,35 @@ def test_no_wandb_key_in_file(path):
     assert not re.search(r"\b[0-9a-f]{40}\b", text), "something shaped like a W&B API key"
 
 
+def test_aws_and_onprem_are_shipped():
+    assert AWS in SHIPPED_CONFIGS and ONPREM in SHIPPED_CONFIGS
+
+
 def test_storage_is_documented():
-    aws, onprem = AWS.read_text(), ONPREM.read_text()
-    assert "output: s3://" in aws and "IAM" in aws
-    assert "output: /mnt/lorasweep/sweeps" in onprem and "NFS" in onprem
-    docs = (ROOT / "docs" / "cluster.md").read_text()
-    assert "output: s3://" in docs and "ray down cluster.yaml" in docs
+    from sweeps.spec import SweepSpec
+
+    assert "storage" in SweepSpec.model_fields  # the key the texts below tell users to write
+    aws, onprem, docs = AWS.read_text(), ONPREM.read_text(), DOCS.read_text()
+    assert "storage: s3://" in aws and "IAM" in aws
+    assert "storage: /mnt/lorasweep/sweeps" in onprem and "NFS" in onprem
+    assert "storage: s3://" in docs and "storage: /mnt/lorasweep/sweeps" in docs
+    assert "ray down cluster.yaml" in docs
+
+
+@pytest.mark.parametrize("path", [AWS, ONPREM, DOCS], ids=lambda p: p.name)
+def test_no_sweep_spec_key_that_the_schema_rejects(path):
+    """`output:` is not a sweep spec key (the schema rejects it as unknown); the texts once said it."""
+    from sweeps.spec import SweepSpec
+
+    assert "output" not in SweepSpec.model_fields
+    said = [line for line in path.read_text().splitlines() if re.search(r"(?<![\w-])output:", line)]
+    assert not said, said
 
 
 def test_documented_job_submit_flags_exist():
     from ray.dashboard.modules.job.cli import submit
 
-    docs = (ROOT / "docs" / "cluster.md").read_text()
+    docs = DOCS.read_text()
     block = docs[docs.index("ray job submit") :].split("```", 1)[0]
     used = set(re.findall(r"\s(--[a-z][a-z-]*)", block.split(" -- ", 1)[0]))
     known = {opt for param in submit.params for opt in param.opts}
