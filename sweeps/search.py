@@ -223,9 +223,3 @@ def make_search_alg(spec: SweepSpec, study_dir: Path) -> ConcurrencyLimiter:
     )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
 
-
-def make_scheduler(spec: SweepSpec):
-    """The pruning scheduler (see sweeps.pruning.make_scheduler); here too, beside its searcher."""
-    from sweeps.pruning import make_scheduler as build
-
-    return build(spec)
