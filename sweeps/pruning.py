@@ -1,16 +1,26 @@
-"""Pruning on Ray Tune: an Optuna pruner bridged into a Tune scheduler, or Ray's ASHA.
+"""Pruning on Ray Tune: the spec's Optuna pruner inside the sweep's study, or Ray's ASHA.
 
-Ray's OptunaSearch creates its study with a NopPruner, so no Optuna pruner ever acts on a Tune
-sweep by itself. `OptunaPrunerScheduler` does it: on each result it reports the trial's objective
-at its `step` to the trial's Optuna trial (through the sweep's SweepOptunaSearch), asks the
-spec's pruner `pruner.prune(study, frozen_trial)` exactly as `optuna.Trial.should_prune` does,
-and returns STOP when it says so. STOP ends the trial at once, so its GPU goes to the next config;
-the searcher then tells the Optuna trial PRUNED and records it in `<study_dir>/pruned.json`.
+Ray's OptunaSearch creates its study with a NopPruner. The sweep's study carries the spec's
+pruner instead (`make_pruner`, passed to sweeps.search.make_search_alg), because Optuna's pieces
+cooperate through `study.pruner`: with a HyperbandPruner there, every `Trial` hands the sampler a
+study filtered to its own bracket (optuna.pruners._filter_study), so TPE models each bracket
+apart, as Hyperband expects. A pruner the study does not hold would decide alone, and TPE would
+mix the brackets.
+
+`OptunaPrunerScheduler` turns Optuna's decision into Tune's: on each result it reports the
+trial's objective at its `step` to the trial's Optuna trial (through the sweep's
+SweepOptunaSearch), asks that trial `should_prune()`, and returns STOP when it says so. STOP
+ends the trial at once, so its GPU goes to the next config; the searcher then tells the Optuna
+trial PRUNED and records it in `<study_dir>/pruned.json`. A trial whose `step` reached its
+`max_train_steps` (the trainable reports both in every result) has nothing left to save: it
+completes even when the pruner would prune it there. It is still asked, so the pruner keeps the
+state Optuna alone would (SuccessiveHalving records each trial's rung values while deciding).
 
 `AshaPruningScheduler` is Ray's ASHA on the trainable's `step`; trials it stops before `max_t`
 are recorded PRUNED the same way (Ray's OptunaSearch would tell them COMPLETE).
 
-Pruners are not saved in Optuna storage: they are rebuilt from the spec on every (re)start.
+Pruners are not saved in Optuna storage: the searcher installs a fresh copy of the spec's pruner
+whenever it creates, loads or restores the study.
 """
 
 from __future__ import annotations
@@ -18,10 +28,47 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from pydantic import ValidationError
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from sweeps.search import SweepOptunaSearch, unwrap_searcher
-from sweeps.spec import OPTUNA_PRUNERS, SweepSpec, pruner_options
+from sweeps.spec import ParamSpace, SweepSpec
+from trainer.config import TrainConfig
+
+# Optuna pruner per `pruner.type` (options are checked against these classes' signatures).
+OPTUNA_PRUNERS = {
+    "median": "MedianPruner", "percentile": "PercentilePruner", "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner", "wilcoxon": "WilcoxonPruner",
+}
+
+
+def max_steps(spec: SweepSpec) -> int | None:
+    """The longest training a trial can run, in steps; None when it is given in epochs."""
+    space, fixed = spec.space, spec.fixed()
+    if "max_train_epochs" in space or fixed.get("max_train_epochs") is not None:
+        return None
+    raw = space.get("max_train_steps")
+    if isinstance(raw, dict):
+        try:
+            return int(max(ParamSpace(**raw).extremes()))
+        except (ValidationError, TypeError, ValueError):
+            return None
+    return int(fixed.get("max_train_steps", TrainConfig.model_fields["max_train_steps"].default))
+
+
+def pruner_options(spec: SweepSpec) -> dict[str, Any]:
+    """The pruner's keyword arguments: the spec's options over the project's defaults, whose
+    resources are training steps (the trainable reports `step`): first rung = one eval interval."""
+    kind, opts = spec.pruner.type, dict(spec.pruner.options)
+    if kind in ("successive_halving", "hyperband"):
+        opts.setdefault("min_resource", spec.eval.interval)
+    if kind == "hyperband":
+        opts.setdefault("max_resource", max_steps(spec) or "auto")
+    if kind == "asha":
+        opts.setdefault("grace_period", spec.eval.interval)
+        if max_steps(spec) is not None:
+            opts.setdefault("max_t", max_steps(spec))
+    return opts
 
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner | None:
@@ -33,12 +80,14 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner | None:
 
 
 def make_scheduler(spec: SweepSpec) -> TrialScheduler | None:
-    """The Tune scheduler that prunes for the spec, or None (Tune's FIFO) when pruner is none."""
+    """The Tune scheduler that prunes for the spec, or None (Tune's FIFO) when pruner is none.
+    An Optuna pruner acts only when the searcher's study holds it: build the search alg with
+    `make_search_alg(spec, study_dir, pruner=make_pruner(spec))`."""
     if spec.pruner.type == "none":
         return None
     if spec.pruner.type == "asha":
         return AshaPruningScheduler(metric=spec.primary.metric, mode=spec.primary.mode, **pruner_options(spec))
-    return OptunaPrunerScheduler(make_pruner(spec), metric=spec.primary.metric, mode=spec.primary.mode)
+    return OptunaPrunerScheduler(metric=spec.primary.metric, mode=spec.primary.mode)
 
 
 class _SearcherLink:
@@ -54,8 +103,12 @@ class _SearcherLink:
                     f"{type(self).__name__} needs the sweep's searcher (sweeps.search.make_search_alg) "
                     f"as the Tuner's search_alg; got {type(tune_controller.search_alg).__name__}"
                 )
+            self._check(found)
             self._searcher = found
         return self._searcher
+
+    def _check(self, searcher: SweepOptunaSearch) -> None:
+        pass
 
     def __getstate__(self) -> dict:
         # Tune pickles the scheduler with the experiment; the searcher is saved on its own.
@@ -69,15 +122,22 @@ class _SearcherLink:
 
 
 class OptunaPrunerScheduler(_SearcherLink, FIFOScheduler):
-    """FIFO scheduling; on each new objective value, the Optuna pruner decides STOP or CONTINUE."""
+    """FIFO scheduling; on each new objective value, the study's pruner decides STOP or CONTINUE."""
 
-    def __init__(self, pruner: optuna.pruners.BasePruner, metric: str, mode: str):
+    def __init__(self, metric: str, mode: str):
         super().__init__()
         self._metric, self._mode = metric, mode
-        self.pruner = pruner
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         return self._accepts(metric, mode)
+
+    def _check(self, searcher: SweepOptunaSearch) -> None:
+        # Ray's default NopPruner would silently never prune.
+        if isinstance(searcher.study.pruner, optuna.pruners.NopPruner):
+            raise RuntimeError(
+                "OptunaPrunerScheduler: the searcher's study has no pruner; build it with "
+                "make_search_alg(spec, study_dir, pruner=sweeps.pruning.make_pruner(spec))"
+            )
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         searcher = self.searcher(tune_controller)
@@ -85,7 +145,9 @@ class OptunaPrunerScheduler(_SearcherLink, FIFOScheduler):
         step = searcher.report_intermediate(trial.trial_id, result)
         if step is None:
             return TrialScheduler.CONTINUE
-        if self.pruner.prune(searcher.study, searcher.frozen_trial(trial.trial_id)):
+        prune = searcher.should_prune(trial.trial_id)
+        budget = result.get("max_train_steps")
+        if prune and not (budget is not None and step >= budget):
             searcher.mark_pruned(trial.trial_id, step)
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE

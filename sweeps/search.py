@@ -5,14 +5,21 @@ Optuna study lives in `<study_dir>/optuna.journal` (a journal file: append-only,
 named after the sweep and loaded if it exists, so a resumed sweep keeps its history and
 `optuna-dashboard <study_dir>/optuna.journal` watches it live.
 
-Ray's OptunaSearch (ray 2.60) reports intermediate values at `training_iteration` and tells
-every trial that a scheduler stopped COMPLETE with its partial score, so the sampler learns from
-it as if it had finished. SweepOptunaSearch reports at the trainable's `step` and tells trials
-that a scheduler pruned (sweeps.pruning) PRUNED; it also records them in `pruned.json`.
+Ray's OptunaSearch (ray 2.60) creates its study with a NopPruner, reports intermediate values at
+`training_iteration` and tells every trial that a scheduler stopped COMPLETE with its partial
+score, so the sampler learns from it as if it had finished. SweepOptunaSearch gives the study the
+pruner it is built with (samplers read `study.pruner`: TPE samples within Hyperband's brackets),
+reports at the trainable's `step`, answers `should_prune` through Optuna's own Trial, and tells
+trials that a scheduler pruned PRUNED; it also records them in `pruned.json`. Which pruner, and
+whether its answer stops a trial, are decided in sweeps.pruning; this module keeps the study.
+
+Optuna storage does not keep the pruner, and Tune restores the searcher from a pickle whose study
+holds the pruner as it was then: every (re)start installs a fresh copy of the given pruner.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -22,7 +29,7 @@ from typing import Any
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -126,21 +133,36 @@ def load_pruned(study_dir: Path) -> dict[str, int]:
 
 
 class SweepOptunaSearch(OptunaSearch):
-    """OptunaSearch with the study in the sweep's storage, intermediate values at `step`,
-    initial configs enqueued once per study, and trials a scheduler pruned told PRUNED."""
+    """OptunaSearch with the study in the sweep's storage and holding `pruner` (None: no pruning),
+    intermediate values at `step`, initial configs enqueued once per study, and trials a
+    scheduler pruned told PRUNED."""
 
-    def __init__(self, *, study_dir: Path, initial_configs: list[dict] | None = None, **kwargs):
+    def __init__(self, *, study_dir: Path, initial_configs: list[dict] | None = None,
+                 pruner: optuna.pruners.BasePruner | None = None, **kwargs):
         self.study_dir = Path(study_dir)
         self.pruned: dict[str, dict] = {}  # Tune trial id -> {"number": Optuna trial number, "step": step}
         self._last_step: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
         self._initial_configs = list(initial_configs or [])
+        self._pruner_template = pruner  # never used itself: each (re)start copies it
         super().__init__(**kwargs)
 
     def _setup_study(self, mode):
         super()._setup_study(mode)
+        self._install_pruner()
         # Not through OptunaSearch's points_to_evaluate: that enqueues them again on every resume.
         for config in self._initial_configs:
             self._ot_study.enqueue_trial(config, skip_if_exists=True)
+
+    def _install_pruner(self) -> None:
+        # A fresh pruner, as optuna.load_study(pruner=...) in a new process would have: lazily
+        # built state (Hyperband's brackets) is rebuilt from the study, not carried in a pickle.
+        template = getattr(self, "_pruner_template", None)  # absent when an older lorasweep pickled it
+        self._ot_study.pruner = copy.deepcopy(template) if template is not None else optuna.pruners.NopPruner()
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        if self._ot_study is not None:
+            self._install_pruner()
 
     @property
     def study(self) -> optuna.Study:
@@ -173,10 +195,10 @@ class SweepOptunaSearch(OptunaSearch):
         self._last_step[trial_id] = step
         return step
 
-    def frozen_trial(self, trial_id: str) -> FrozenTrial:
-        """The Optuna trial of a Tune trial as its pruner sees it (what Trial.should_prune reads)."""
-        ot_trial = self._ot_trials[trial_id]
-        return self._ot_study._storage.get_trial(ot_trial._trial_id)
+    def should_prune(self, trial_id: str) -> bool:
+        """Optuna's own answer for the trial's curve so far: `Trial.should_prune`, which asks
+        `study.pruner` (the pruner may record state in the study while deciding)."""
+        return self._ot_trials[trial_id].should_prune()
 
     def mark_pruned(self, trial_id: str, step: int) -> None:
         """Called by the scheduler that stops the trial: it is told PRUNED when Tune completes it."""
@@ -206,8 +228,10 @@ def unwrap_searcher(search_alg: Any) -> SweepOptunaSearch | None:
     return node
 
 
-def make_search_alg(spec: SweepSpec, study_dir: Path) -> ConcurrencyLimiter:
-    """The sweep's searcher: Optuna over the spec's space, its study in `<study_dir>/optuna.journal`."""
+def make_search_alg(spec: SweepSpec, study_dir: Path,
+                    pruner: optuna.pruners.BasePruner | None = None) -> ConcurrencyLimiter:
+    """The sweep's searcher: Optuna over the spec's space, its study in `<study_dir>/optuna.journal`,
+    holding `pruner` (the spec's is sweeps.pruning.make_pruner(spec); None: no pruning)."""
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     multi = len(spec.objectives) > 1
@@ -220,12 +244,7 @@ def make_search_alg(spec: SweepSpec, study_dir: Path) -> ConcurrencyLimiter:
         sampler=make_sampler(spec),
         study_name=spec.name,
         storage=journal_storage(study_dir),
+        pruner=pruner,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
 
-
-def make_scheduler(spec: SweepSpec):
-    """The pruning scheduler (see sweeps.pruning.make_scheduler); here too, beside its searcher."""
-    from sweeps.pruning import make_scheduler as build
-
-    return build(spec)

@@ -12,7 +12,7 @@ from ray import tune
 from sweeps import storage
 from sweeps.progress import ProgressPrinter
 from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
-from sweeps.pruning import make_scheduler
+from sweeps.pruning import make_pruner, make_scheduler
 from sweeps.search import RAY_TRIAL_ATTR, load_study, make_search_alg
 from sweeps.spec import SweepSpec
 from sweeps.trainable import train_trial
@@ -41,7 +41,7 @@ def build_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tune
     return tune.Tuner(
         make_trainable(spec, trainable),
         tune_config=tune.TuneConfig(
-            search_alg=make_search_alg(spec, Path(spec.output_dir) / "study"),
+            search_alg=make_search_alg(spec, Path(spec.output_dir) / "study", pruner=make_pruner(spec)),
             scheduler=make_scheduler(spec),
             num_samples=spec.search.num_trials,
             metric=metric,

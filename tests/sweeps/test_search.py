@@ -160,3 +160,31 @@ def test_searcher_pickles_for_tune_checkpoints(tmp_path):
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert "lr_scheduler" in restored.suggest("t1")
     assert len(restored.study.trials) == 2
+
+
+def test_study_holds_a_fresh_copy_of_its_pruner_on_every_start(tmp_path):
+    """Optuna storage keeps no pruner: the searcher gives the study one when it creates, loads
+    or restores it, without the state the previous one had built."""
+    spec = _spec(SCHEDULER_SPACE)
+    assert isinstance(_searcher(spec, tmp_path / "none").study.pruner, optuna.pruners.NopPruner)
+    template = optuna.pruners.HyperbandPruner(min_resource=10, max_resource=40, reduction_factor=2)
+    searcher = unwrap_searcher(make_search_alg(spec, tmp_path, pruner=template))
+    pruner = searcher.study.pruner
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and pruner is not template
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (10, 40, 2)
+    searcher.suggest("t0")
+    searcher.report_intermediate("t0", {"clip_score": 0.2, "step": 10})
+    assert searcher.should_prune("t0") is False  # through the study's pruner, which sets up its brackets
+    assert pruner._pruners and not template._pruners
+
+    loaded = unwrap_searcher(make_search_alg(spec, tmp_path, pruner=template))  # a new driver
+    assert isinstance(loaded.study.pruner, optuna.pruners.HyperbandPruner) and not loaded.study.pruner._pruners
+
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = SweepOptunaSearch(study_dir=tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    fresh = restored.study.pruner
+    assert isinstance(fresh, optuna.pruners.HyperbandPruner) and not fresh._pruners
+    assert restored._ot_trials["t0"].study is restored.study  # should_prune asks this pruner
+    restored.report_intermediate("t0", {"clip_score": 0.3, "step": 20})
+    assert restored.should_prune("t0") is False and fresh._pruners
