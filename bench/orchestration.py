@@ -94,7 +94,7 @@ def lorasweep_tuner(args, storage: str):
 
     spec = bench_spec(args, storage)
     stub = tune.with_parameters(_with_knobs, reports=args.reports, sleep=args.sleep)
-    return build_tuner(spec, trainable=stub), spec
+    return build_tuner(spec, None, trainable=stub), spec
 
 
 def _with_knobs(config: dict, reports: int, sleep: float) -> None:

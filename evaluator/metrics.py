@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from evaluator.defaults import TORCHMETRICS_SCALE  # 100: torchmetrics' CLIPScore
+from evaluator.suites import KINDS
 
 HESSEL_SCALE = 2.5
 
@@ -140,6 +141,9 @@ DEFAULT_OBJECTIVE_WEIGHTS: dict[str, float] = {
     "trigger_effect": 0.5,
 }
 OBJECTIVE_COMPONENTS = tuple(DEFAULT_OBJECTIVE_WEIGHTS)
+# The scalar metrics scoring reports (`evaluator.score`): CLIP-T over every prompt, per suite
+# kind, each objective component and the objective. A sweep's objective may name any of them.
+REPORTED_METRICS = ("clip_score", *(f"clip_score_{kind}" for kind in KINDS), *OBJECTIVE_COMPONENTS[1:], "objective")
 
 
 class ObjectiveWeights(BaseModel):

@@ -19,7 +19,8 @@ import math
 import re
 from typing import Any
 
-from sweeps.spec import ParamSpace, SweepSpec, pruner_options
+from sweeps.pruner_options import pruner_options
+from sweeps.spec_schema import ParamSpace, SweepSpec
 from trainer.config import TrainConfig
 
 STEP_S_PER_IMAGE = 0.4  # s per training image per optimizer step, SD 1.x at 512 px, fp16, A10G/3090 class

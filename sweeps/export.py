@@ -24,7 +24,7 @@ from sweeps import storage
 from sweeps.results import (BASE_SAMPLES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, SHOWN_METRICS, TRIAL_INFO,
                             TrialRecord, load_records, scored_checkpoints, sweep_uri)
 from sweeps.sample_grids import labelled_rows, read_grid
-from sweeps.spec import SweepSpec
+from sweeps.spec_schema import SweepSpec
 
 EXPORT_DIR = "export"
 MANIFEST = "manifest.json"

@@ -28,48 +28,11 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
-from pydantic import ValidationError
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from sweeps.pruner_options import OPTUNA_PRUNERS, pruner_options
 from sweeps.search import SweepOptunaSearch, unwrap_searcher
-from sweeps.spec import ParamSpace, SweepSpec
-from trainer.config import TrainConfig
-
-# Optuna pruner per `pruner.type` (options are checked against these classes' signatures).
-OPTUNA_PRUNERS = {
-    "median": "MedianPruner", "percentile": "PercentilePruner", "successive_halving": "SuccessiveHalvingPruner",
-    "hyperband": "HyperbandPruner", "wilcoxon": "WilcoxonPruner",
-}
-
-
-def max_steps(spec: SweepSpec) -> int | None:
-    """The longest training a trial can run, in steps; None when it is given in epochs."""
-    space, fixed = spec.space, spec.fixed()
-    if "max_train_epochs" in space or fixed.get("max_train_epochs") is not None:
-        return None
-    raw = space.get("max_train_steps")
-    if isinstance(raw, dict):
-        try:
-            return int(max(ParamSpace(**raw).extremes()))
-        except (ValidationError, TypeError, ValueError):
-            return None
-    return int(fixed.get("max_train_steps", TrainConfig.model_fields["max_train_steps"].default))
-
-
-def pruner_options(spec: SweepSpec) -> dict[str, Any]:
-    """The pruner's keyword arguments: the spec's options over the project's defaults, whose
-    resources are training steps (the trainable reports `step`): first rung = one eval interval."""
-    kind, opts = spec.pruner.type, dict(spec.pruner.options)
-    if kind in ("successive_halving", "hyperband"):
-        opts.setdefault("min_resource", spec.eval.interval)
-    if kind == "hyperband":
-        opts.setdefault("max_resource", max_steps(spec) or "auto")
-    if kind == "asha":
-        opts.setdefault("grace_period", spec.eval.interval)
-        if max_steps(spec) is not None:
-            opts.setdefault("max_t", max_steps(spec))
-    return opts
-
+from sweeps.spec_schema import SweepSpec
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner | None:
     """The spec's Optuna pruner (its resources are training steps), or None for none/asha."""

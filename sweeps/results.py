@@ -15,7 +15,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 from sweeps import storage
-from sweeps.spec import SweepSpec
+from sweeps.spec_schema import SweepSpec
 
 EXPERIMENT = "tune"  # Ray's experiment folder inside the sweep folder
 FAILURES = "failures"  # <sweep>/failures/<trial id>.json: why a trial failed for good (see trainable)

@@ -1,5 +1,5 @@
 """python sweeps/run.py --space search.yaml [--address ADDR] [--set key=value ...]
-                      [--dry-run | --status | --export-only | --resume]"""
+                      [--dry-run | --status | --export-only | --resume | --fields]"""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Run a LoRA hyperparameter sweep on Ray Tune + Optuna.")
-    p.add_argument("--space", required=True, help="sweep spec YAML (see examples/)")
+    p = argparse.ArgumentParser(
+        description="Run a LoRA hyperparameter sweep on Ray Tune + Optuna.",
+        epilog="The spec's keys are documented in README.md (Sweep spec); `--fields` lists every training "
+               "field that `train:` fixes and `space:` searches, with its type, default and meaning.")
+    p.add_argument("--space", help="sweep spec YAML (see examples/)")
     p.add_argument("--address", default=None, help="Ray cluster address; local Ray when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set search.num_trials=4 (repeatable)")
@@ -18,29 +21,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--status", action="store_true", help="show the trials of this sweep from its storage; start nothing")
     mode.add_argument("--export-only", action="store_true", help="export the winners of a finished sweep again")
     mode.add_argument("--resume", action="store_true",
-                      help="continue a killed sweep (also automatic when its storage already holds it)")
-    return p.parse_args(argv)
+                      help="continue the stored sweep with the spec it was started with (a sweep whose storage "
+                           "holds the same spec also continues without it)")
+    mode.add_argument("--fields", action="store_true", help="list every training field (train:/space: keys) and exit")
+    args = p.parse_args(argv)
+    if not args.fields and not args.space:
+        p.error("--space is required (a sweep spec YAML such as examples/demo.yaml)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing so --help is instant.
+    from sweeps.cluster_fit import SweepCannotStart
     from sweeps.export import ExportError
     from sweeps.spec import SpecError, load_spec
     from sweeps.storage import StorageError
 
+    if args.fields:
+        from trainer.config import TrainConfig, describe_fields
+
+        print(describe_fields(TrainConfig))
+        return 0
     try:
         spec = load_spec(args.space, args.overrides)
         if args.dry_run:
             print(describe(spec))
             return 0
+        if args.status or args.export_only or args.resume:
+            spec = _stored_or_given(spec, args.space)
         if args.status:
             from sweeps.status import sweep_status
 
             print(sweep_status(spec))
             return 0
         return export_only(spec) if args.export_only else sweep(spec, args)
-    except (SpecError, StorageError, FileNotFoundError, ExportError) as err:
+    except (SpecError, StorageError, FileNotFoundError, ExportError, SweepCannotStart) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -51,35 +67,38 @@ def describe(spec) -> str:
     return describe_sweep(spec)
 
 
+def _stored_or_given(spec, source: str):
+    """The spec the sweep was started with, when its storage holds one (--status, --export-only, --resume)."""
+    from sweeps.stored_spec import differences, read_stored, spec_record, stored_spec
+
+    stored = stored_spec(spec)
+    if stored is None:
+        return spec
+    changed = [key for key, _, _ in differences(read_stored(spec), spec_record(spec))]
+    if changed:
+        print(f"using the spec stored with sweep {spec.name} ({source} differs in: {', '.join(changed)})", flush=True)
+    return stored
+
+
 def sweep(spec, args) -> int:
-    from sweeps.prepare import prepare_sweep
     from sweeps.results import sweep_uri
     from sweeps.storage import check_writable
+    from sweeps.stored_spec import check_against_stored, store
+    from sweeps.trial_plan import build_plan
     from sweeps.tuner import can_resume, run_sweep
 
     check_writable(sweep_uri(spec))  # before models are built or Ray is started
-    if not args.address:
-        _check_local_fit(spec, args.space)
     if args.resume and not can_resume(spec):
         raise FileNotFoundError(f"--resume: no sweep {spec.name} in {spec.storage_uri}; run without --resume to start it")
-    spec = prepare_sweep(spec, args.space)
+    notes = [] if args.resume else check_against_stored(spec, args.space)
+    for note in notes:
+        print(f"continuing sweep {spec.name} with a changed setting that is safe to change: {note}", flush=True)
+    plan = build_plan(spec, args.space, local=not args.address)
+    store(spec)
     print(f"sweep {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at a time, "
           f"output {spec.output_dir}", flush=True)
-    run_sweep(spec, args.address, resume=args.resume)
+    run_sweep(spec, plan, args.address, resume=args.resume)
     return export_only(spec)
-
-
-def _check_local_fit(spec, source: str) -> None:
-    import os
-
-    import torch
-
-    from sweeps.spec import SpecError
-    from sweeps.spec_checks import local_fit_problems
-
-    problems = local_fit_problems(spec.resources, os.cpu_count() or 1, torch.cuda.device_count())
-    if problems:
-        raise SpecError(source, problems)
 
 
 def export_only(spec) -> int:

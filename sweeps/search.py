@@ -34,7 +34,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps.spec import ParamSpace, SweepSpec, search_order
+from sweeps.spec_schema import ParamSpace, SweepSpec, search_order
 
 JOURNAL_FILE = "optuna.journal"
 PRUNED_FILE = "pruned.json"

@@ -1,39 +1,20 @@
-"""SweepSpec: the typed, validated form of `search.yaml`.
+"""Reading a sweep spec: YAML file, `--set` overrides, schema, then every check, all at once.
 
-Every problem is reported at once, each with its YAML path and what to do, before Ray starts.
+Each problem comes back as one `path: message` line with what to do, in one SpecError, before
+any model is built or Ray starts.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from common.overrides import apply_overrides
 from common.yaml_files import YamlFileError, read_yaml
-from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from toyworld.oracle import ORACLE_METRICS
-from trainer.config import TrainConfig, build_train_config, format_validation_error
-
-# Metrics the trainable reports and an objective may name: the trainable's own (`loss`) and the
-# evaluator's. Extend this when the evaluator reports a new metric.
-KNOWN_METRICS = (
-    "clip_score", "clip_score_concept", "clip_score_new_setting", "clip_score_no_concept", "clip_i",
-    "prior_preservation", "trigger_effect", "objective", "loss",
-    # evaluator.score.suite_metrics: clip_score_<kind> for each kind of prompt in the suite
-    "clip_score_natural", "clip_score_trigger_on", "clip_score_trigger_off",
-    # toyworld.oracle, only with `eval.oracle: toy_world`
-    *ORACLE_METRICS,
-)
-# Optuna pruner per `pruner.type` (options are checked against these classes' signatures).
-OPTUNA_PRUNERS = {
-    "median": "MedianPruner", "percentile": "PercentilePruner", "successive_halving": "SuccessiveHalvingPruner",
-    "hyperband": "HyperbandPruner", "wilcoxon": "WilcoxonPruner",
-}
-# Options the project sets itself for ASHA (it reads the trainable's `step`, the spec's objective).
-ASHA_RESERVED = ("time_attr", "metric", "mode")
-_SCALAR = (str, int, float, bool, type(None))
+from sweeps.spec_checks import cross_problems, space_problems, train_problems
+from sweeps.spec_schema import SweepSpec
+from trainer.config import format_validation_error
 
 
 class SpecError(ValueError):
@@ -42,276 +23,6 @@ class SpecError(ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, problems
         super().__init__(f"{source}: {len(problems)} problem(s) in the sweep spec:\n  " + "\n  ".join(problems))
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ParamSpace(_Strict):
-    """One searched TrainConfig field."""
-
-    type: Literal["loguniform", "uniform", "int", "choice"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = Field(False, description="For int: sample on a log scale.")
-    step: float | None = Field(None, gt=0, description="For uniform/int: discretize (e.g. 0.05); needed by grid.")
-    values: list[Any] | None = Field(None, description="For choice: the candidates.")
-    when: dict[str, Any] | None = Field(
-        None, description="Condition: search this field only when other fields take these values, "
-        "e.g. {lr_scheduler: cosine_with_restarts} (a list means any of them); otherwise the "
-        "fixed/default value is used."
-    )
-
-    def problems(self) -> list[str]:
-        if self.type == "choice":
-            if not self.values:
-                return ["values: a choice needs a non-empty list, e.g. values: [4, 8, 16]"]
-            bad = [v for v in self.values if not isinstance(v, _SCALAR)]
-            return [f"values: {bad[0]!r} is not a scalar; Optuna choices are strings, numbers, booleans or null"] if bad else []
-        out = []
-        if self.low is None or self.high is None:
-            return [f"low/high: {self.type} needs both low and high"]
-        if self.low >= self.high:
-            out.append(f"low: must be < high ({self.low} >= {self.high})")
-        if (self.type == "loguniform" or self.log) and self.low <= 0:
-            out.append(f"low: must be > 0 for a log scale (got {self.low})")
-        if self.step is not None and (self.type == "loguniform" or self.log):
-            out.append("step: Optuna cannot discretize a log scale; drop step or use a choice")
-        if self.type == "int" and self.step is not None and self.step != int(self.step):
-            out.append(f"step: must be a whole number for int (got {self.step})")
-        return out
-
-    def extremes(self) -> list[Any]:
-        """Values that must all be valid TrainConfig values."""
-        if self.type == "choice":
-            return list(self.values or [])
-        if self.type == "int":
-            return [int(self.low), int(self.high)]
-        return [self.low, self.high]
-
-    def grid_values(self) -> list[Any] | None:
-        """Every value a grid visits, or None when the range is continuous."""
-        if self.type == "choice":
-            return list(self.values or [])
-        if self.type == "int" and not self.log:
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        if self.type == "uniform" and self.step:
-            n = int(round((self.high - self.low) / self.step))
-            return [round(self.low + i * self.step, 12) for i in range(n + 1)]
-        return None
-
-    def contains(self, value: Any) -> bool:
-        if self.type == "choice":
-            return value in (self.values or [])
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.type == "int" and value != int(value):
-            return False
-        return self.low <= value <= self.high
-
-    def conditions(self) -> dict[str, list[Any]]:
-        """`when` with every value as a list of accepted values."""
-        return {k: (v if isinstance(v, list) else [v]) for k, v in (self.when or {}).items()}
-
-
-class EvalSpec(_Strict):
-    """What each trial is scored on."""
-
-    interval: int = Field(50, ge=1, description="Training steps between evaluations.")
-    suite: str | dict[str, Any] | None = Field(
-        None, description="Prompt suite (evaluator.suites): a YAML path (relative to the spec file) or the "
-        "suite inline; replaces `prompts` when given."
-    )
-    prompts: list[str] = Field(default_factory=list, description="Prompts; `{trigger}` is replaced by the trigger word.")
-    seeds: list[int] = Field([0, 1], min_length=1, description="Each prompt is sampled once per seed.")
-    class_word: str | None = Field(None, description="Fills `{class}` in prompts (e.g. `outfit`, `dog`).")
-    oracle: Literal["toy_world"] | None = Field(
-        None, description="`toy_world`: also score every evaluation with the toy world's exact pixel oracle "
-        "(concept_accuracy, concept_color_rate, prior_accuracy). Only for the built-in toy world: real "
-        "sweeps have no oracle.")
-
-
-class EvaluatorSpec(_Strict):
-    model: str = Field(DEFAULT_MODEL, description="open_clip model name, or builtin:tiny-clip.")
-    pretrained: str | None = Field(DEFAULT_PRETRAINED, description="open_clip pretrained tag or local checkpoint path.")
-
-
-class ObjectiveSpec(_Strict):
-    metric: str = "clip_score"
-    mode: Literal["max", "min"] = "max"
-
-
-class SearchSpec(_Strict):
-    sampler: Literal["tpe", "random", "grid", "gp", "nsga2"] = Field(
-        "tpe", description="Optuna sampler; tpe is multivariate with constant liar for parallel trials."
-    )
-    num_trials: int = Field(8, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    seed: int = 0
-    initial_configs: list[dict[str, Any]] = Field(
-        default_factory=list, description="Configs evaluated first (e.g. known-good settings)."
-    )
-
-
-class PrunerSpec(_Strict):
-    type: Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon", "asha"] = "none"
-    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the pruner.")
-
-
-class WandbSpec(_Strict):
-    enabled: bool = False
-    project: str = "lorasweep"
-    entity: str | None = None
-    mode: Literal["offline", "online"] = Field(
-        "offline", description="online also needs WANDB_API_KEY in the environment (never in the spec)."
-    )
-
-
-class TrackingSpec(_Strict):
-    wandb: WandbSpec = Field(default_factory=WandbSpec)
-
-
-class ExportSpec(_Strict):
-    top_k: int = Field(1, ge=1, description="How many of the best LoRAs to export.")
-    formats: list[Literal["kohya", "diffusers"]] = Field(["kohya", "diffusers"], min_length=1)
-
-
-class FailureSpec(_Strict):
-    max_failures: int = Field(2, ge=0, description="Retries of a trial whose worker died (resumes from its checkpoint).")
-
-
-class ResourcesSpec(_Strict):
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-
-
-class SweepSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Sweep id; names the output folder.")
-    storage: str = Field("runs", description="Folder or URI (s3://, gs://) where trials, the study and the export go.")
-    base_model: str
-    dataset: str
-    trigger_word: str | None = None
-    train: dict[str, Any] = Field(default_factory=dict, description="Fixed TrainConfig values.")
-    space: dict[str, Any] = Field(default_factory=dict, description="Searched TrainConfig fields.")
-    eval: EvalSpec
-    evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
-    objective: ObjectiveSpec | list[ObjectiveSpec] = Field(default_factory=ObjectiveSpec)
-    search: SearchSpec = Field(default_factory=SearchSpec)
-    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    export: ExportSpec = Field(default_factory=ExportSpec)
-    failure: FailureSpec = Field(default_factory=FailureSpec)
-
-    @property
-    def objectives(self) -> list[ObjectiveSpec]:
-        return self.objective if isinstance(self.objective, list) else [self.objective]
-
-    @property
-    def primary(self) -> ObjectiveSpec:
-        """The objective that ranks trials for export and pruning (the first one)."""
-        return self.objectives[0]
-
-    def searched(self) -> dict[str, ParamSpace]:
-        return {k: ParamSpace(**v) for k, v in self.space.items() if isinstance(v, dict)}
-
-    def fixed(self) -> dict[str, Any]:
-        """TrainConfig values shared by every trial (train + scalar entries of space)."""
-        values = {"base_model": self.base_model, "dataset": self.dataset, "trigger_word": self.trigger_word}
-        values.update(self.train)
-        values.update({k: v for k, v in self.space.items() if not isinstance(v, dict)})
-        return values
-
-    def train_config(self, params: dict[str, Any]) -> TrainConfig:
-        return build_train_config({**self.fixed(), **params})
-
-    def prompt_suite(self):
-        """The eval suite (evaluator.suites.PromptSuite), or None when `eval.prompts` are used."""
-        if self.eval.suite is None:
-            return None
-        from evaluator.suites import load_suite, parse_suite
-
-        if isinstance(self.eval.suite, dict):
-            return parse_suite(self.eval.suite, "eval.suite")
-        return load_suite(self.eval.suite)
-
-    def eval_prompts(self) -> tuple[list[str], list[int]]:
-        """Every (prompt, seed) pair, prompts with the trigger word filled in."""
-        suite = self.prompt_suite()
-        if suite is not None:
-            from evaluator.suites import expand_suite
-
-            items = expand_suite(suite, self.trigger_word, self.eval.class_word)
-            return [it.prompt for it in items], [it.seed for it in items]
-        trigger, cls = self.trigger_word or "", self.eval.class_word or ""
-        pairs = [
-            (p.replace("{trigger}", trigger).replace("{class}", cls).strip(" ,"), s)
-            for p in self.eval.prompts
-            for s in self.eval.seeds
-        ]
-        return [p for p, _ in pairs], [s for _, s in pairs]
-
-    @property
-    def is_remote(self) -> bool:
-        return "://" in self.storage
-
-    @property
-    def storage_uri(self) -> str:
-        """Where Ray Tune keeps this sweep's experiment (a local absolute path or a URI)."""
-        if self.is_remote:
-            return self.storage.rstrip("/")
-        return str(Path(self.storage).expanduser().resolve())
-
-    @property
-    def output_dir(self) -> Path:
-        """Local folder of this sweep (exports, study); for remote storage a local mirror under ./runs."""
-        if self.is_remote:
-            return Path("runs").resolve() / self.name
-        return Path(self.storage_uri) / self.name
-
-
-def search_order(params: dict[str, ParamSpace]) -> list[str]:
-    """Searched fields with every condition's field before the fields it gates; raises on a cycle."""
-    order: list[str] = []
-    pending = dict(params)
-    while pending:
-        ready = [n for n, p in pending.items() if not any(k in pending and k != n for k in p.conditions())]
-        if not ready:
-            raise ValueError(f"conditions form a cycle among {', '.join(sorted(pending))}")
-        for n in ready:
-            order.append(n)
-            del pending[n]
-    return order
-
-
-def max_steps(spec: SweepSpec) -> int | None:
-    """The longest training a trial can run, in steps; None when it is given in epochs."""
-    space, fixed = spec.space, spec.fixed()
-    if "max_train_epochs" in space or fixed.get("max_train_epochs") is not None:
-        return None
-    raw = space.get("max_train_steps")
-    if isinstance(raw, dict):
-        try:
-            return int(max(ParamSpace(**raw).extremes()))
-        except (ValidationError, TypeError, ValueError):
-            return None
-    return int(fixed.get("max_train_steps", TrainConfig.model_fields["max_train_steps"].default))
-
-
-def pruner_options(spec: SweepSpec) -> dict[str, Any]:
-    """The pruner's keyword arguments: the spec's options over the project's defaults, whose
-    resources are training steps (the trainable reports `step`): first rung = one eval interval."""
-    kind, opts = spec.pruner.type, dict(spec.pruner.options)
-    if kind in ("successive_halving", "hyperband"):
-        opts.setdefault("min_resource", spec.eval.interval)
-    if kind == "hyperband":
-        opts.setdefault("max_resource", max_steps(spec) or "auto")
-    if kind == "asha":
-        opts.setdefault("grace_period", spec.eval.interval)
-        if max_steps(spec) is not None:
-            opts.setdefault("max_t", max_steps(spec))
-    return opts
 
 
 def parse_spec(data: dict, source: str = "<spec>") -> SweepSpec:
@@ -326,8 +37,6 @@ def parse_spec(data: dict, source: str = "<spec>") -> SweepSpec:
         spec = SweepSpec.model_construct(**data)
         if not all(isinstance(getattr(spec, k, None), dict) for k in ("train", "space")):
             raise SpecError(source, problems) from None
-    from sweeps.spec_checks import cross_problems, space_problems, train_problems
-
     problems += space_problems(spec) + train_problems(spec) + cross_problems(spec)
     if problems:
         raise SpecError(source, problems)
@@ -346,8 +55,8 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
         problems = apply_overrides(data, list(overrides))
         if problems:
             raise SpecError("--set", problems)
-    suite = (data.get("eval") or {}).get("suite") if isinstance(data, dict) and isinstance(data.get("eval"), dict) else None
-    if isinstance(suite, str) and not Path(suite).expanduser().is_absolute():
-        # A suite path is relative to the spec file, so the spec works from any folder.
-        data["eval"]["suite"] = str((path.parent / suite).resolve())
+        suite = data["eval"].get("suite") if isinstance(data.get("eval"), dict) else None
+        if isinstance(suite, str) and not Path(suite).expanduser().is_absolute():
+            # A suite path is relative to the spec file, so the spec works from any folder.
+            data["eval"]["suite"] = str((path.parent / suite).resolve())
     return parse_spec(data, str(path))

@@ -11,22 +11,17 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from sweeps.spec import (
-    ASHA_RESERVED,
-    KNOWN_METRICS,
-    ORACLE_METRICS,
-    OPTUNA_PRUNERS,
-    EvalSpec,
-    ObjectiveSpec,
-    ParamSpace,
-    PrunerSpec,
-    ResourcesSpec,
-    SearchSpec,
-    SweepSpec,
-    pruner_options,
-    search_order,
-)
+from evaluator.metrics import REPORTED_METRICS
+from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
+from sweeps.spec_schema import (EvalSpec, ObjectiveSpec, ParamSpace, PrunerSpec, ResourcesSpec, SearchSpec, SweepSpec,
+                                search_order)
+from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, TrainConfigError, format_validation_error
+
+# What a trial reports and an objective may name: the training loss, the evaluator's scores and,
+# with `eval.oracle: toy_world`, the oracle's.
+TRIAL_METRICS = (*REPORTED_METRICS, "loss", *ORACLE_METRICS)
+
 
 def space_problems(spec: SweepSpec) -> list[str]:
     problems = []
@@ -107,8 +102,8 @@ def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> lis
     out, seen = [], set()
     for i, o in enumerate(objectives):
         path = "objective.metric" if single else f"objective[{i}].metric"
-        if o.metric not in KNOWN_METRICS:
-            out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(KNOWN_METRICS)}")
+        if o.metric not in TRIAL_METRICS:
+            out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(TRIAL_METRICS)}")
         if o.metric in seen:
             out.append(f"{path}: {o.metric!r} is listed twice")
         if o.metric in ORACLE_METRICS and _eval_oracle(spec) is None:
@@ -235,19 +230,6 @@ def _resource_problems(resources: ResourcesSpec) -> list[str]:
         for k, v in (("cpus_per_trial", resources.cpus_per_trial), ("gpus_per_trial", resources.gpus_per_trial))
         if v > 1 and v != int(v)
     ]
-
-
-def local_fit_problems(resources: ResourcesSpec, cpus: int, gpus: int) -> list[str]:
-    """A trial that asks for more than a local machine with `cpus` and `gpus` has could never
-    start: local Ray would wait for it forever."""
-    out = []
-    if resources.gpus_per_trial > gpus:
-        out.append(f"resources.gpus_per_trial: {resources.gpus_per_trial:g} GPU(s) per trial, but this machine has "
-                   f"{gpus}; lower it (0 trains on the CPU) or give --address of a cluster with such nodes")
-    if resources.cpus_per_trial > cpus:
-        out.append(f"resources.cpus_per_trial: {resources.cpus_per_trial:g} CPUs per trial, but this machine has "
-                   f"{cpus}; lower it or give --address of a cluster with such nodes")
-    return out
 
 
 def _eval_problems(spec: SweepSpec, ev: EvalSpec) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sweeps import storage
 from sweeps.export import EXPORT_DIR, MANIFEST
 from sweeps.results import experiment_path, format_table, load_records, sweep_uri
-from sweeps.spec import SweepSpec
+from sweeps.spec_schema import SweepSpec
 
 
 def sweep_status(spec: SweepSpec) -> str:

@@ -13,8 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from sweeps.spec import SweepSpec
-from trainer.data import load_image
+from evaluator.remote import connect_evaluator, ensure_reference, has_reference, score_suite_remote
+from sweeps.trial_plan import TrialPlan
+from trainer.images import load_image
 from trainer.loop import LoraTrainer
 
 Scorer = Callable[[np.ndarray, list[str]], dict]
@@ -43,27 +44,22 @@ def training_images(trainer: LoraTrainer, limit: int = 64) -> np.ndarray:
     return np.stack(out)
 
 
-def make_suite_scorer(spec: SweepSpec, evaluator_name: str | None, trainer: LoraTrainer) -> Scorer | None:
-    """A scorer for `spec.eval.suite`, or None when the spec lists plain prompts."""
-    suite = spec.prompt_suite()
-    if suite is None:
+def make_suite_scorer(plan: TrialPlan, trainer: LoraTrainer) -> Scorer | None:
+    """A scorer for the plan's prompt suite, or None when the spec lists plain prompts."""
+    items = plan.suite_items
+    if items is None:
         return None
-    from evaluator.suites import expand_suite
-
-    items = expand_suite(suite, spec.trigger_word, spec.eval.class_word)
     base_items = [it for it in items if it.kind == "no_concept"]
     make_base = (lambda: trainer.sample([it.prompt for it in base_items], [it.seed for it in base_items]))
     fresh = trainer.global_step == 0  # base images are only right from an untrained LoRA
-    if evaluator_name:
-        return _remote(spec, evaluator_name, trainer, items, base_items, make_base, fresh)
-    return _local(spec, trainer, items, base_items, make_base, fresh)
+    if plan.evaluator_actor:
+        return _remote(plan, trainer, items, base_items, make_base, fresh)
+    return _local(plan, trainer, items, base_items, make_base, fresh)
 
 
-def _remote(spec, evaluator_name, trainer, items, base_items, make_base, fresh) -> Scorer:
-    from evaluator.remote import connect_evaluator, ensure_reference, has_reference, score_suite_remote
-
-    handle = connect_evaluator(name=evaluator_name, timeout_s=120)
-    train_key, base_key = f"{spec.name}/train", f"{spec.name}/base"
+def _remote(plan, trainer, items, base_items, make_base, fresh) -> Scorer:
+    handle = connect_evaluator(name=plan.evaluator_actor, timeout_s=120)
+    train_key, base_key = f"{plan.sweep}/train", f"{plan.sweep}/base"
     ensure_reference(handle, train_key, lambda: training_images(trainer))
     if base_items and fresh:
         ensure_reference(handle, base_key, make_base)
@@ -71,21 +67,21 @@ def _remote(spec, evaluator_name, trainer, items, base_items, make_base, fresh) 
         base_key = None  # prior preservation is then left out of the objective (listed as skipped)
 
     def score(images: np.ndarray, prompts: list[str]) -> dict:
-        return score_suite_remote(handle, items, images, trigger=spec.trigger_word, base_key=base_key,
+        return score_suite_remote(handle, items, images, trigger=plan.trigger_word, base_key=base_key,
                                   train_key=train_key, timeout_s=600)
 
     return score
 
 
-def _local(spec, trainer, items, base_items, make_base, fresh) -> Scorer:
-    from evaluator import ClipModel
+def _local(plan, trainer, items, base_items, make_base, fresh) -> Scorer:
+    from evaluator import ClipModel  # torch and open_clip: only where the model runs
     from evaluator.score import evaluate_suite
 
-    clip = ClipModel.load(spec.evaluator.model, spec.evaluator.pretrained)
+    clip = ClipModel.load(plan.evaluator_model, plan.evaluator_pretrained)
     train_emb = clip.embed_images(training_images(trainer))
     base = make_base() if base_items and fresh else None
 
     def score(images: np.ndarray, prompts: list[str]) -> dict:
-        return evaluate_suite(clip, items, images, trigger=spec.trigger_word, base_images=base, train_emb=train_emb)
+        return evaluate_suite(clip, items, images, trigger=plan.trigger_word, base_images=base, train_emb=train_emb)
 
     return score

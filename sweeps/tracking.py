@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sweeps.spec import SweepSpec
+from sweeps.spec_schema import SweepSpec
 
 _QUIET = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
 

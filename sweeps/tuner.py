@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import ray
 from ray import tune
 
+from evaluator.remote import start_evaluator, stop_evaluator
 from sweeps import storage
+from sweeps.cluster_fit import TrialStartTimeout, cluster_fit_warning
 from sweeps.progress import ProgressPrinter
 from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
 from sweeps.pruning import make_pruner, make_scheduler
 from sweeps.search import RAY_TRIAL_ATTR, load_study, make_search_alg
-from sweeps.spec import SweepSpec
+from sweeps.spec_schema import SweepSpec
+from sweeps.tracking import trial_settings
 from sweeps.trainable import train_trial
+from sweeps.trial_plan import TrialPlan
 
 FORWARDED_ENV = ("LORASWEEP_CACHE", "HF_HUB_OFFLINE", "WANDB_MODE")
 
@@ -25,21 +30,18 @@ def evaluator_name(spec: SweepSpec) -> str:
     return f"lorasweep-evaluator-{spec.name}"
 
 
-def make_trainable(spec: SweepSpec, trainable: Callable | None = None):
+def make_trainable(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable | None = None):
     """The function Tune runs, with the spec's resources; `trainable` replaces train_trial (stubs in tests)."""
     if trainable is None:
-        from sweeps.tracking import trial_settings
-
-        run_info = {"sweep_uri": sweep_uri(spec), "evaluator": evaluator_name(spec),
-                    "tracking": trial_settings(spec)}
-        trainable = tune.with_parameters(train_trial, spec_data=spec.model_dump(), run_info=run_info)
+        plan = replace(plan, evaluator_actor=evaluator_name(spec), tracking=trial_settings(spec))
+        trainable = tune.with_parameters(train_trial, plan=plan)
     return tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial})
 
 
-def build_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tuner:
+def build_tuner(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable | None = None) -> tune.Tuner:
     metric, mode = _metric_mode(spec)
     return tune.Tuner(
-        make_trainable(spec, trainable),
+        make_trainable(spec, plan, trainable),
         tune_config=tune.TuneConfig(
             search_alg=make_search_alg(spec, Path(spec.output_dir) / "study", pruner=make_pruner(spec)),
             scheduler=make_scheduler(spec),
@@ -51,7 +53,7 @@ def build_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tune
         run_config=tune.RunConfig(
             name=EXPERIMENT,
             storage_path=sweep_uri(spec),
-            callbacks=[ProgressPrinter(spec.primary.metric)],
+            callbacks=[ProgressPrinter(spec.primary.metric), TrialStartTimeout(spec.resources)],
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
             # Keep each trial's best checkpoints (for export) and, always, its latest (for resume).
             checkpoint_config=tune.CheckpointConfig(
@@ -75,12 +77,12 @@ def can_resume(spec: SweepSpec) -> bool:
     return tune.Tuner.can_restore(experiment_path(spec))
 
 
-def restore_tuner(spec: SweepSpec, trainable: Callable | None = None) -> tune.Tuner:
+def restore_tuner(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable | None = None) -> tune.Tuner:
     """The killed sweep, its searcher and Optuna study with it; finished and failed trials stay as they are."""
     _close_orphaned_study_trials(spec)
     return tune.Tuner.restore(
         experiment_path(spec),
-        trainable=make_trainable(spec, trainable),
+        trainable=make_trainable(spec, plan, trainable),
         resume_unfinished=True,
         resume_errored=False,
         restart_errored=False,
@@ -112,18 +114,24 @@ def _close_orphaned_study_trials(spec: SweepSpec) -> list[int]:
     return closed
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
+def run_sweep(spec: SweepSpec, plan: TrialPlan | None, address: str | None = None, resume: bool = False,
               trainable: Callable | None = None) -> tune.ResultGrid:
-    """Run (or, with `resume` or when the storage already holds this sweep, continue) the sweep."""
+    """Run (or, with `resume` or when the storage already holds this sweep, continue) the sweep.
+
+    `plan` (sweeps.trial_plan.build_plan) is what train_trial needs; None with a stub `trainable`."""
     storage.check_writable(sweep_uri(spec))
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
     restorable = can_resume(spec)
     if resume and not restorable:
         raise FileNotFoundError(f"--resume: no sweep to resume at {experiment_path(spec)}; run without --resume to start it")
     ensure_ray(address)
+    if address:
+        warning = cluster_fit_warning(spec.resources, ray.nodes())
+        if warning:
+            print(warning, flush=True)
     if restorable:
         print(f"resuming sweep {spec.name} from {experiment_path(spec)}", flush=True)
-    tuner = restore_tuner(spec, trainable) if restorable else build_tuner(spec, trainable)
+    tuner = restore_tuner(spec, plan, trainable) if restorable else build_tuner(spec, plan, trainable)
     # Tune snapshots its state after every kept checkpoint (what resume needs); it need not warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     handle = _start_evaluator(spec) if trainable is None else None
@@ -131,15 +139,11 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
         return tuner.fit()
     finally:
         if handle is not None:
-            from evaluator.remote import stop_evaluator
-
             stop_evaluator(name=evaluator_name(spec))
 
 
 def _start_evaluator(spec: SweepSpec):
     """One evaluator actor per node for the whole sweep: one CLIP model copy serves the node's trials."""
-    from evaluator.remote import start_evaluator
-
     name = evaluator_name(spec)
     # No CPU reserved: it computes in short bursts between trainings, and a held CPU would idle
     # most of the time (on a small machine it would hold back a trial).

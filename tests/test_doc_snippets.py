@@ -4,7 +4,7 @@ The docs are README.md, the other Markdown files at the repository root, and doc
 fenced code block (``` or ~~~, indented ones inside list items too) whose text is a YAML mapping
 is classified by its top-level keys:
 
-- a **sweep spec** (`sweeps.spec.SweepSpec`) when it has a key that only a sweep spec has
+- a **sweep spec** (`sweeps.spec_schema.SweepSpec`) when it has a key that only a sweep spec has
   (`storage`, `space`, `search`, `pruner`, `resources`, `eval`, ...). Every key it holds is then
   checked as a sweep spec key: a key of another schema in it (e.g. `output:`) is reported;
 - a **training config** (`python -m trainer --config`: TrainConfig fields plus `output:`) when it
@@ -37,7 +37,8 @@ import pytest
 import yaml
 
 from evaluator.suites import PromptSuite, SuiteError, parse_suite
-from sweeps.spec import SpecError, SweepSpec, parse_spec
+from sweeps.spec import SpecError, parse_spec
+from sweeps.spec_schema import SweepSpec
 from trainer.__main__ import ConfigProblems, read_run_config
 from trainer.config import TrainConfig
 

@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from evaluator.suites import PromptSuite, expand_suite, load_suite
-from sweeps.spec import SweepSpec, load_spec
+from sweeps.spec import load_spec
+from sweeps.spec_schema import SweepSpec
 from trainer.__main__ import read_run_config
 from trainer.config import TrainConfig
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from evaluator.metrics import REPORTED_METRICS
 from evaluator import (DEFAULT_OBJECTIVE_WEIGHTS, DEFAULT_SUITE, ObjectiveWeights, SuiteError,
                        SuiteItem, clip_i, clip_i_per_image, clip_t, composite_objective,
                        default_suite, expand_suite, load_suite, parse_suite, prior_preservation,
@@ -197,6 +198,9 @@ def test_suite_metrics_equal_independent_computation():
     want = (out["clip_score"] + 10 * out["clip_i"] + 10 * out["prior_preservation"]
             + 0.5 * out["trigger_effect"])
     assert out["objective"] == pytest.approx(want, abs=1e-4) and out["objective_skipped"] == []
+    # A suite with every kind reports exactly the metrics a sweep's objective may name.
+    scalars = {k for k, v in out.items() if isinstance(v, float)}
+    assert scalars == set(REPORTED_METRICS)
 
     bare = suite_metrics(items[:4], t(img[:4]), t(txt[:4]))
     assert bare["clip_i"] is bare["prior_preservation"] is bare["trigger_effect"] is None

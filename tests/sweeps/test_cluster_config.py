@@ -176,7 +176,7 @@ def test_aws_and_onprem_are_shipped():
 
 
 def test_storage_is_documented():
-    from sweeps.spec import SweepSpec
+    from sweeps.spec_schema import SweepSpec
 
     assert "storage" in SweepSpec.model_fields  # the key the texts below tell users to write
     aws, onprem, docs = AWS.read_text(), ONPREM.read_text(), DOCS.read_text()
@@ -189,7 +189,7 @@ def test_storage_is_documented():
 @pytest.mark.parametrize("path", [AWS, ONPREM, DOCS], ids=lambda p: p.name)
 def test_no_sweep_spec_key_that_the_schema_rejects(path):
     """`output:` is not a sweep spec key (the schema rejects it as unknown); the texts once said it."""
-    from sweeps.spec import SweepSpec
+    from sweeps.spec_schema import SweepSpec
 
     assert "output" not in SweepSpec.model_fields
     said = [line for line in path.read_text().splitlines() if re.search(r"(?<![\w-])output:", line)]

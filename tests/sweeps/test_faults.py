@@ -63,7 +63,7 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_partial_one(tmp_
 
 def test_trainer_state_roundtrip_is_exact_and_pickle_free(tiny_sd_dir, demo_dataset, tmp_path):
     """A trial resumed from its checkpoint trains exactly as if it had never stopped."""
-    from sweeps.trainable import load_trainer_state, save_trainer_state
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.config import build_train_config
     from trainer.loop import LoraTrainer
 
@@ -73,10 +73,10 @@ def test_trainer_state_roundtrip_is_exact_and_pickle_free(tiny_sd_dir, demo_data
     straight.train(4)
     first = LoraTrainer(cfg)
     first.train(2)
-    save_trainer_state(first, tmp_path / "state")
+    save_checkpoint(first, tmp_path / "state")
     assert {p.suffix for p in (tmp_path / "state").rglob("*") if p.is_file()} <= {".safetensors", ".json"}
     resumed = LoraTrainer(cfg)
-    load_trainer_state(resumed, tmp_path / "state")
+    load_checkpoint(resumed, tmp_path / "state")
     assert resumed.global_step == 2
     resumed.train(2)
     for key, value in straight.lora_state_dict().items():

@@ -1,0 +1,258 @@
+"""The sweep spec's schema: the typed form of `search.yaml` (pydantic models, unknown keys refused).
+
+Checks that span fields and sections live in `sweeps.spec_checks`; reading a file and gathering
+every problem at once in `sweeps.spec`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from evaluator.suites import expand_suite, load_suite, parse_suite
+from trainer.config import TrainConfig, build_train_config
+
+_SCALAR = (str, int, float, bool, type(None))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamSpace(_Strict):
+    """One searched TrainConfig field."""
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = Field(False, description="For int: sample on a log scale.")
+    step: float | None = Field(None, gt=0, description="For uniform/int: discretize (e.g. 0.05); needed by grid.")
+    values: list[Any] | None = Field(None, description="For choice: the candidates.")
+    when: dict[str, Any] | None = Field(
+        None, description="Condition: search this field only when other fields take these values, "
+        "e.g. {lr_scheduler: cosine_with_restarts} (a list means any of them); otherwise the "
+        "fixed/default value is used."
+    )
+
+    def problems(self) -> list[str]:
+        if self.type == "choice":
+            if not self.values:
+                return ["values: a choice needs a non-empty list, e.g. values: [4, 8, 16]"]
+            bad = [v for v in self.values if not isinstance(v, _SCALAR)]
+            return [f"values: {bad[0]!r} is not a scalar; Optuna choices are strings, numbers, booleans or null"] if bad else []
+        out = []
+        if self.low is None or self.high is None:
+            return [f"low/high: {self.type} needs both low and high"]
+        if self.low >= self.high:
+            out.append(f"low: must be < high ({self.low} >= {self.high})")
+        if (self.type == "loguniform" or self.log) and self.low <= 0:
+            out.append(f"low: must be > 0 for a log scale (got {self.low})")
+        if self.step is not None and (self.type == "loguniform" or self.log):
+            out.append("step: Optuna cannot discretize a log scale; drop step or use a choice")
+        if self.type == "int" and self.step is not None and self.step != int(self.step):
+            out.append(f"step: must be a whole number for int (got {self.step})")
+        return out
+
+    def extremes(self) -> list[Any]:
+        """Values that must all be valid TrainConfig values."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+    def grid_values(self) -> list[Any] | None:
+        """Every value a grid visits, or None when the range is continuous."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int" and not self.log:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.type == "uniform" and self.step:
+            n = int(round((self.high - self.low) / self.step))
+            return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+        return None
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "choice":
+            return value in (self.values or [])
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        return self.low <= value <= self.high
+
+    def conditions(self) -> dict[str, list[Any]]:
+        """`when` with every value as a list of accepted values."""
+        return {k: (v if isinstance(v, list) else [v]) for k, v in (self.when or {}).items()}
+
+
+class EvalSpec(_Strict):
+    """What each trial is scored on."""
+
+    interval: int = Field(50, ge=1, description="Training steps between evaluations.")
+    suite: str | dict[str, Any] | None = Field(
+        None, description="Prompt suite (evaluator.suites): a YAML path (relative to the spec file) or the "
+        "suite inline; replaces `prompts` when given."
+    )
+    prompts: list[str] = Field(default_factory=list, description="Prompts; `{trigger}` is replaced by the trigger word.")
+    seeds: list[int] = Field([0, 1], min_length=1, description="Each prompt is sampled once per seed.")
+    class_word: str | None = Field(None, description="Fills `{class}` in prompts (e.g. `outfit`, `dog`).")
+    oracle: Literal["toy_world"] | None = Field(
+        None, description="`toy_world`: also score every evaluation with the toy world's exact pixel oracle "
+        "(concept_accuracy, concept_color_rate, prior_accuracy). Only for the built-in toy world: real "
+        "sweeps have no oracle.")
+
+
+class EvaluatorSpec(_Strict):
+    model: str = Field(DEFAULT_MODEL, description="open_clip model name, or builtin:tiny-clip.")
+    pretrained: str | None = Field(DEFAULT_PRETRAINED, description="open_clip pretrained tag or local checkpoint path.")
+
+
+class ObjectiveSpec(_Strict):
+    metric: str = "clip_score"
+    mode: Literal["max", "min"] = "max"
+
+
+class SearchSpec(_Strict):
+    sampler: Literal["tpe", "random", "grid", "gp", "nsga2"] = Field(
+        "tpe", description="Optuna sampler; tpe is multivariate with constant liar for parallel trials."
+    )
+    num_trials: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    seed: int = 0
+    initial_configs: list[dict[str, Any]] = Field(
+        default_factory=list, description="Configs evaluated first (e.g. known-good settings)."
+    )
+
+
+class PrunerSpec(_Strict):
+    type: Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon", "asha"] = "none"
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the pruner.")
+
+
+class WandbSpec(_Strict):
+    enabled: bool = False
+    project: str = "lorasweep"
+    entity: str | None = None
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="online also needs WANDB_API_KEY in the environment (never in the spec)."
+    )
+
+
+class TrackingSpec(_Strict):
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+
+class ExportSpec(_Strict):
+    top_k: int = Field(1, ge=1, description="How many of the best LoRAs to export.")
+    formats: list[Literal["kohya", "diffusers"]] = Field(["kohya", "diffusers"], min_length=1)
+
+
+class FailureSpec(_Strict):
+    max_failures: int = Field(2, ge=0, description="Retries of a trial whose worker died (resumes from its checkpoint).")
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    start_timeout_s: float = Field(
+        300.0, gt=0, description="On a cluster: stop the sweep when no trial has started after this many "
+        "seconds (no node offers a trial's resources and the autoscaler added none).")
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Sweep id; names the output folder.")
+    storage: str = Field("runs", description="Folder or URI (s3://, gs://) where trials, the study and the export go.")
+    base_model: str
+    dataset: str
+    trigger_word: str | None = None
+    train: dict[str, Any] = Field(default_factory=dict, description="Fixed TrainConfig values.")
+    space: dict[str, Any] = Field(default_factory=dict, description="Searched TrainConfig fields.")
+    eval: EvalSpec
+    evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
+    objective: ObjectiveSpec | list[ObjectiveSpec] = Field(default_factory=ObjectiveSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+
+    @property
+    def objectives(self) -> list[ObjectiveSpec]:
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    @property
+    def primary(self) -> ObjectiveSpec:
+        """The objective that ranks trials for export and pruning (the first one)."""
+        return self.objectives[0]
+
+    def searched(self) -> dict[str, ParamSpace]:
+        return {k: ParamSpace(**v) for k, v in self.space.items() if isinstance(v, dict)}
+
+    def fixed(self) -> dict[str, Any]:
+        """TrainConfig values shared by every trial (train + scalar entries of space)."""
+        values = {"base_model": self.base_model, "dataset": self.dataset, "trigger_word": self.trigger_word}
+        values.update(self.train)
+        values.update({k: v for k, v in self.space.items() if not isinstance(v, dict)})
+        return values
+
+    def train_config(self, params: dict[str, Any]) -> TrainConfig:
+        return build_train_config({**self.fixed(), **params})
+
+    def prompt_suite(self):
+        """The eval suite (evaluator.suites.PromptSuite), or None when `eval.prompts` are used."""
+        if self.eval.suite is None:
+            return None
+        if isinstance(self.eval.suite, dict):
+            return parse_suite(self.eval.suite, "eval.suite")
+        return load_suite(self.eval.suite)
+
+    def eval_prompts(self) -> tuple[list[str], list[int]]:
+        """Every (prompt, seed) pair, prompts with the trigger word filled in."""
+        suite = self.prompt_suite()
+        if suite is not None:
+            items = expand_suite(suite, self.trigger_word, self.eval.class_word)
+            return [it.prompt for it in items], [it.seed for it in items]
+        trigger, cls = self.trigger_word or "", self.eval.class_word or ""
+        pairs = [
+            (p.replace("{trigger}", trigger).replace("{class}", cls).strip(" ,"), s)
+            for p in self.eval.prompts
+            for s in self.eval.seeds
+        ]
+        return [p for p, _ in pairs], [s for _, s in pairs]
+
+    @property
+    def is_remote(self) -> bool:
+        return "://" in self.storage
+
+    @property
+    def storage_uri(self) -> str:
+        """Where Ray Tune keeps this sweep's experiment (a local absolute path or a URI)."""
+        if self.is_remote:
+            return self.storage.rstrip("/")
+        return str(Path(self.storage).expanduser().resolve())
+
+    @property
+    def output_dir(self) -> Path:
+        """Local folder of this sweep (exports, study); for remote storage a local mirror under ./runs."""
+        if self.is_remote:
+            return Path("runs").resolve() / self.name
+        return Path(self.storage_uri) / self.name
+
+
+def search_order(params: dict[str, ParamSpace]) -> list[str]:
+    """Searched fields with every condition's field before the fields it gates; raises on a cycle."""
+    order: list[str] = []
+    pending = dict(params)
+    while pending:
+        ready = [n for n, p in pending.items() if not any(k in pending and k != n for k in p.conditions())]
+        if not ready:
+            raise ValueError(f"conditions form a cycle among {', '.join(sorted(pending))}")
+        for n in ready:
+            order.append(n)
+            del pending[n]
+    return order

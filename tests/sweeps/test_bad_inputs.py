@@ -1,0 +1,102 @@
+"""Bad input through `sweeps/run.py`: each is refused before any training, with exit status 2,
+no traceback, and the culprit (YAML key, file, line) named."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sweeps.run import main
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "examples" / "demo.yaml"
+
+
+def _kohya(tmp_path, folder="5_lswsks shape", bad_image=False) -> Path:
+    root = tmp_path / "data"
+    sub = root / folder
+    sub.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (0, 200, 200)).save(sub / f"{i}.png")
+    if bad_image:
+        (sub / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def _imagefolder(tmp_path, lines: str) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (64, 64)).save(root / "a.png")
+    (root / "metadata.jsonl").write_text(lines)
+    return root
+
+
+def _spec_file(tmp_path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text.replace("suites/demo.yaml", str(ROOT / "examples" / "suites" / "demo.yaml")))
+    return path
+
+
+DEMO_TEXT = DEMO.read_text()
+# (id, spec text or None for the demo, --set overrides, a dataset builder, words the error must hold)
+CASES = [
+    ("inverted range", None, ["space.learning_rate={type: loguniform, low: 1e-2, high: 1e-4}"], None,
+     ["space.learning_rate.low: must be < high"]),
+    ("zero batch size", None, ["train.train_batch_size=0"], None, ["train.train_batch_size", "greater than 0"]),
+    ("negative eval interval", None, ["eval.interval=-5"], None, ["eval.interval", "greater than or equal to 1"]),
+    ("unknown lr scheduler", None, ["space.lr_scheduler={type: choice, values: [constant, warmup_bogus]}"], None,
+     ["space.lr_scheduler: value 'warmup_bogus' is invalid"]),
+    ("unknown metric", None, ["objective={metric: clipscore, mode: max}"], None,
+     ["objective.metric: unknown metric 'clipscore'"]),
+    ("unknown pruner option", None, ["pruner={type: median, options: {n_startup: 2}}"], None,
+     ["pruner.options.n_startup: unknown option of optuna.pruners.MedianPruner"]),
+    ("unknown key", DEMO_TEXT + "lr: 0.001\n", [], None, ["lr: unknown key"]),
+    ("clip skip beyond the text encoder", None, ["train.clip_skip=6"], None,
+     ["clip_skip", "6", "4 layers"]),
+    ("kohya folder without the N_ prefix", None, [], lambda t: _kohya(t, folder="lswsks shape"),
+     ["dataset:", "lswsks shape", "<repeats>_"]),
+    ("corrupt image", None, [], lambda t: _kohya(t, bad_image=True), ["dataset:", "broken.png"]),
+    ("empty caption", None, [], lambda t: _imagefolder(t, '{"file_name": "a.png", "text": "  "}\n'),
+     ["dataset:", "caption of 'a.png' is empty"]),
+    ("empty metadata.jsonl", None, [], lambda t: _imagefolder(t, ""), ["dataset:", "metadata.jsonl"]),
+    ("tabs in YAML", DEMO_TEXT.replace("  resolution: 64", "\tresolution: 64"), [], None,
+     ["spec.yaml:16:", "replace the tabs"]),
+    ("duplicate keys", DEMO_TEXT.replace("storage: runs\n", "storage: runs\nname: other\n"), [], None,
+     ["spec.yaml:11:", "duplicate key 'name'"]),
+    ("unwritable storage", None, ["storage=/proc/lorasweep"], None, ["/proc/lorasweep", "not writable"]),
+    ("too many GPUs", None, ["resources.gpus_per_trial=64"], None,
+     ["resources.gpus_per_trial: 64 GPU(s) per trial, but this machine has"]),
+    ("missing suite file", None, ["eval.suite=/nonexistent/suite.yaml"], None,
+     ["eval.suite", "/nonexistent/suite.yaml", "not found"]),
+    ("missing base model", None, ["base_model=/nonexistent/model"], None, ["base_model:", "/nonexistent/model"]),
+    ("unknown hub model", None, ["base_model=nobody-xyz/no-such-model"], None,
+     ["base_model:", "nobody-xyz/no-such-model", "local copy"]),
+    ("missing dataset", None, ["dataset=/nonexistent/data"], None, ["dataset:", "/nonexistent/data", "does not exist"]),
+    ("set without a value", None, ["search.num_trials"], None, ["--set", "expected key=value"]),
+    ("field in train and space", None, ["train.rank=4"], None, ["train.rank: also searched (space.rank)"]),
+]
+
+
+@pytest.mark.parametrize("name, text, sets, dataset, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_with_the_culprit_named(tmp_path, capsys, name, text, sets, dataset, words):
+    spec = _spec_file(tmp_path, text) if text is not None else DEMO
+    sets = [f"storage={tmp_path / 'runs'}", *sets] if not any(s.startswith("storage=") for s in sets) else sets
+    if dataset is not None:
+        sets.append(f"dataset={dataset(tmp_path)}")
+    rc = main(["--space", str(spec), *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "runs" / "demo" / "tune").exists()  # nothing started
+
+
+def test_the_real_entry_point_exits_2_without_a_traceback(tmp_path):
+    spec = _spec_file(tmp_path, DEMO_TEXT.replace("storage: runs\n", "storage: runs\nname: again\n"))
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(spec)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "duplicate key 'name'" in proc.stderr
