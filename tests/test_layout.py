@@ -69,3 +69,69 @@ def test_toyworld_is_a_leaf_and_nothing_imports_pretrain():
         assert "pretrain" not in _imported_top_packages(package), package
     assert "evaluator" not in _imported_top_packages("trainer")
     assert "trainer" not in _imported_top_packages("evaluator")
+
+
+# What each package's modules may import from the project (module level and inside functions).
+ALLOWED = {
+    "common": set(),
+    "toyworld": {"common"},
+    "trainer": {"common", "toyworld"},
+    "evaluator": {"common", "toyworld"},
+    "sweeps": {"common", "toyworld", "trainer", "evaluator"},
+    "pretrain": {"common", "toyworld", "trainer", "evaluator"},
+}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its source (functions included)."""
+    import ast
+
+    modules = {}
+    for package in ALLOWED:
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from pkg import mod` imports pkg.mod when that is a module of ours
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]
+            found |= {t for t in targets if t in modules and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_packages_import_only_what_their_layer_allows():
+    offenders = [f"{m} imports {t}" for m, targets in _import_graph().items() for t in targets
+                 if t.split(".")[0] != m.split(".")[0] and t.split(".")[0] not in ALLOWED[m.split(".")[0]]]
+    assert offenders == []
+
+
+def test_the_import_graph_has_no_cycles():
+    """Not even through imports inside functions: those only hide a cycle, they do not remove it.
+    Package `__init__` modules that re-export lazily (evaluator) count as their package."""
+    graph = _import_graph()
+    seen, stack, cycles = set(), [], []
+
+    def visit(node: str) -> None:
+        if node in stack:
+            cycles.append(stack[stack.index(node):] + [node])
+            return
+        if node in seen:
+            return
+        seen.add(node)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in ALLOWED:  # a package's __init__: importing it does not import its modules here
+                visit(nxt)
+        stack.pop()
+
+    for node in sorted(graph):
+        visit(node)
+    assert cycles == []
