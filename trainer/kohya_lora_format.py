@@ -172,6 +172,13 @@ def modelspec(cfg: TrainConfig, title: str) -> dict[str, str]:
     return spec
 
 
+def _summary_and_model_hash(cfg: TrainConfig, prepared: Prepared | None) -> tuple[dict, str | None]:
+    if prepared is not None:
+        return prepared.dataset_summary, prepared.base_model_sha256
+    weights = base_model_weights_file(cfg.base_model)
+    return dataset_summary(load_train_data(cfg, verify=False)), sha256_file(weights) if weights else None
+
+
 def kohya_metadata(cfg: TrainConfig, prepared: Prepared | None = None, **extra) -> dict[str, str]:
     """kohya `ss_*` metadata and a modelspec block for a LoRA trained with `cfg`.
 
@@ -184,12 +191,7 @@ def kohya_metadata(cfg: TrainConfig, prepared: Prepared | None = None, **extra) 
     `lorasweep_` are kept as given. Dicts and lists become JSON. Every value is a string, as
     safetensors needs.
     """
-    if prepared is None:
-        summary = dataset_summary(load_train_data(cfg, verify=False))
-        weights = base_model_weights_file(cfg.base_model)
-        model_hash = sha256_file(weights) if weights else None
-    else:
-        summary, model_hash = prepared.dataset_summary, prepared.base_model_sha256
+    summary, model_hash = _summary_and_model_hash(cfg, prepared)
     full_hash = model_hash or "unknown"
     dirs = summary["dirs"]
     train_te = cfg.train_text_encoder
