@@ -74,9 +74,9 @@ def sd15_shaped_components(divisor: int):
 
 
 def _trainer(args, mode: str, cache_dir: str):
-    from trainer.cache import build_caches
     from trainer.config import build_train_config
     from trainer.loop import LoraTrainer
+    from trainer.preparation import prepare
     from trainer.tiny import ensure_tiny_sd
 
     cfg = build_train_config(dict(
@@ -85,8 +85,8 @@ def _trainer(args, mode: str, cache_dir: str):
         seed=0, cache_dir=cache_dir, **MODES[mode]))
     divisor = {"tiny": None, "sd15-quarter": 4, "sd15-half": 2}[args.model]
     comps = sd15_shaped_components(divisor) if divisor else None
-    if mode == "cached":
-        build_caches(cfg, components=comps, device="cpu")  # once per sweep, before trials: not part of a step
+    if mode == "cached":  # once per sweep, before trials: not part of a step
+        return LoraTrainer(cfg, components=comps, prepared=prepare(cfg, components=comps, device="cpu"))
     return LoraTrainer(cfg, components=comps)
 
 

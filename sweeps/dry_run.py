@@ -16,7 +16,6 @@ The GPU-hour figure is an estimate from stated assumptions (printed with it), no
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from sweeps.pruner_options import pruner_options
@@ -27,7 +26,6 @@ STEP_S_PER_IMAGE = 0.4  # s per training image per optimizer step, SD 1.x at 512
 SAMPLE_S_PER_UNET_STEP = 0.05  # s per denoising step per image at 512 px with guidance
 SETUP_S = 90.0  # s per trial: worker start, base model load, LoRA setup
 ASSUMED_EPOCH_IMAGES = 300  # images x repeats per epoch when the dataset is not readable (30 images x 10)
-_IMAGE = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def _mean(p: ParamSpace) -> float:
@@ -49,20 +47,17 @@ def _value(spec: SweepSpec, field: str) -> tuple[float | None, str]:
 
 
 def dataset_images(dataset: str, num_repeats: int | None) -> int | None:
-    """Images per epoch with repeats for a kohya folder (`<repeats>_<name>/`), None when unreadable."""
-    from trainer.data import resolve_dataset
-    from common.cache_dir import cache_root
+    """Images per epoch with repeats, as the trainer reads the dataset (any layout) but without
+    opening an image; None when it cannot be read here."""
+    from trainer.dataset_layouts import DatasetError
+    from trainer.train_data import load_train_data
 
-    root = resolve_dataset(dataset, cache_root())  # a builtin is written once, then counted like any folder
-    if not root.is_dir():
+    # A DreamBooth folder is read only with an instance prompt; the count does not depend on it.
+    cfg = TrainConfig(base_model="", dataset=dataset, num_repeats=num_repeats, instance_prompt="(counted)")
+    try:
+        return len(load_train_data(cfg, verify=False).examples)  # a builtin is written once, then counted
+    except DatasetError:
         return None
-    total = 0
-    for sub in root.iterdir():
-        m = re.match(r"^(\d+)_", sub.name)
-        if sub.is_dir() and m:
-            n = sum(1 for f in sub.iterdir() if f.suffix.lower() in _IMAGE)
-            total += n * (num_repeats or int(m.group(1)))
-    return total or None
 
 
 def estimate(spec: SweepSpec) -> dict[str, Any]:

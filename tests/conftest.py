@@ -28,6 +28,6 @@ def tiny_sd_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_dataset(cache_dir) -> Path:
-    from trainer.data import DEMO_DATASET_ID, resolve_dataset
+    from trainer.train_data import DEMO_DATASET_ID, resolve_dataset
 
     return resolve_dataset(DEMO_DATASET_ID, cache_dir)

@@ -1,5 +1,5 @@
 """Train one LoRA: `python -m trainer --config train.yaml [--set key=value ...] [--output DIR]
-[--format kohya|diffusers|both] [--resume]`.
+[--format kohya|diffusers|both] [--resume]`; `python -m trainer --fields` lists the config fields.
 
 The YAML holds TrainConfig fields at the top level plus an optional `output:` section (dir,
 name, format, scale). `--set` overrides any key by its dotted path (`--set sampling.steps=4`),
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.overrides import apply_overrides
 from common.yaml_files import YamlFileError, read_yaml
-from trainer.config import TrainConfig, format_validation_error
+from trainer.config import TrainConfig, describe_fields, format_validation_error
 
 EXIT_CONFIG = 2
 CHECKPOINTS = "checkpoints"
@@ -76,14 +76,13 @@ def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str
 
 def check_paths(cfg: TrainConfig) -> list[str]:
     """Problems with the dataset and base model paths, found without loading any model."""
-    from trainer.data import DatasetError, resolve_dataset
-    from trainer.datasets import detect_dataset_type
+    from trainer.dataset_layouts import DatasetError, detect_dataset_type
     from trainer.model_loading import BaseModelError, resolve_base_model
-    from common.cache_dir import cache_root
+    from trainer.train_data import resolve_dataset
 
     problems = []
     try:
-        detect_dataset_type(resolve_dataset(cfg.dataset, cache_root()))
+        detect_dataset_type(resolve_dataset(cfg.dataset))
     except DatasetError as err:
         problems.append(f"dataset: {err}")
     try:
@@ -101,29 +100,34 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = False) -> list[Path]:
-    """Train (resuming from the latest checkpoint when asked), checkpoint, export; the files written."""
+    """Prepare (data, caches, hashes), train (resuming from the latest checkpoint when asked),
+    checkpoint, export; the files written."""
     from tqdm import tqdm
 
     from trainer.checkpoint import load_checkpoint, save_checkpoint
     from trainer.export import kohya_metadata, save_lora_diffusers, save_lora_kohya
     from trainer.loop import LoraTrainer
+    from trainer.model_loading import load_sd_components
+    from trainer.preparation import prepare
 
     out = Path(options.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    trainer = LoraTrainer(cfg)
+    models = load_sd_components(cfg.base_model)
+    prepared = prepare(cfg, components=models)
+    trainer = LoraTrainer(cfg, components=models, prepared=prepared)
     ckpt_root = out / CHECKPOINTS
     if resume and (last := latest_checkpoint(ckpt_root)) is not None:
         load_checkpoint(trainer, last)
         print(f"resumed from {last} at step {trainer.global_step}", file=sys.stderr)
-    interval = getattr(cfg, "checkpoint_interval", None)  # optional field; None/0 = only at the end
-    bar = tqdm(total=cfg.max_train_steps, initial=trainer.global_step, unit="step", desc=options.name)
+    interval = cfg.checkpoint_interval  # 0: only at the end
+    bar = tqdm(total=trainer.max_train_steps, initial=trainer.global_step, unit="step", desc=options.name)
 
     def on_step(metrics: dict) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-        if interval and metrics["step"] % interval == 0 and metrics["step"] < cfg.max_train_steps:
+        if interval and metrics["step"] % interval == 0 and metrics["step"] < trainer.max_train_steps:
             save_checkpoint(trainer, ckpt_root / f"step-{metrics['step']}")
 
     try:
@@ -131,24 +135,35 @@ def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = Fa
     finally:
         bar.close()
     save_checkpoint(trainer, ckpt_root / f"step-{trainer.global_step}")
-    te = trainer.models.text_encoder if getattr(cfg, "train_text_encoder", False) else None
+    te = trainer.models.text_encoder if cfg.train_text_encoder else None
     written = []
     if options.format in ("diffusers", "both"):
         written.append(save_lora_diffusers(trainer.models.unet, out / "diffusers" / "pytorch_lora_weights.safetensors", te))
     if options.format in ("kohya", "both"):
-        meta = kohya_metadata(cfg, steps=trainer.global_step, output_name=options.name, training_started_at=started)
+        meta = kohya_metadata(cfg, prepared, steps=trainer.global_step, max_train_steps=trainer.max_train_steps,
+                              output_name=options.name, training_started_at=started)
         written.append(save_lora_kohya(trainer.models.unet, out / f"{options.name}.safetensors", te, meta, options.scale))
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train one SD 1.x LoRA.")
-    parser.add_argument("--config", required=True, help="training YAML (TrainConfig fields + optional output:)")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description="Train one SD 1.x LoRA.",
+        epilog="`python -m trainer --fields` lists every config field with its type, default and meaning.",
+    )
+    parser.add_argument("--config", help="training YAML (TrainConfig fields + optional output:); see --fields")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted path)")
     parser.add_argument("--output", help="output folder (overrides output.dir)")
     parser.add_argument("--format", choices=["kohya", "diffusers", "both"], help="export layout (overrides output.format)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    parser.add_argument("--fields", action="store_true", help="list every training config field (name, type, default, "
+                        "description) and exit")
     args = parser.parse_args(argv)
+    if args.fields:
+        print(describe_fields(TrainConfig))
+        return 0
+    if not args.config:
+        parser.error("--config is required (or --fields to list the config fields)")
     try:
         cfg, options = read_run_config(args.config, args.set, args.output, args.format)
         problems = check_paths(cfg)
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in err.problems:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
-    from trainer.data import DatasetError
+    from trainer.dataset_layouts import DatasetError
     from trainer.loop import TrainingDiverged
     from trainer.model_loading import BaseModelError
 

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.config import TrainConfig
-from common.files import atomic_write, file_lock
-from trainer.data import load_image
-from trainer.datasets import TrainData, ensure_class_images, load_train_data
-from trainer.text_encoding import encode_prompts
 from common.cache_dir import cache_root
+from common.files import atomic_write, file_lock
+from trainer.config import TrainConfig
+from trainer.images import load_image
+from trainer.text_encoding import encode_prompts
+from trainer.train_data import TrainData
 
 CACHE_VERSION = "lorasweep-cache-1"  # bump when the stored layout or the preprocessing code changes
 LATENTS_FILE = "latents.safetensors"
@@ -64,21 +64,24 @@ def flip_variants(cfg: TrainConfig) -> list[bool]:
     return [False, True] if cfg.random_flip else [False]
 
 
-def latent_cache_key(cfg: TrainConfig, vae, data: TrainData, vae_hash: str | None = None) -> str:
+def latent_cache_key(cfg: TrainConfig, data: TrainData, vae_fingerprint: str) -> str:
+    """From the file versions recorded when the data was checked, so that finding a cache built
+    by a sweep's driver needs no access to the dataset."""
+    sizes = data.target_sizes(cfg)
     images = []
     for p in data.unique_images():
-        st = p.stat()
-        images.append([str(p.resolve()), st.st_size, st.st_mtime_ns, list(data.target_sizes[p])])
+        info = data.images[p]
+        images.append([str(p.resolve()), info.file_bytes, info.mtime_ns, list(sizes[p])])
     return _key({
-        "version": CACHE_VERSION, "vae": vae_hash or module_fingerprint(vae), "images": images,
+        "version": CACHE_VERSION, "vae": vae_fingerprint, "images": images,
         "resolution": cfg.resolution, "center_crop": cfg.center_crop, "flips": flip_variants(cfg),
         "bucket": [cfg.enable_bucket, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps],
     })
 
 
-def text_cache_key(tokenizer, text_encoder, captions: list[str], clip_skip: int, te_hash: str | None = None) -> str:
+def text_cache_key(tokenizer, captions: list[str], clip_skip: int, text_encoder_fingerprint: str) -> str:
     return _key({
-        "version": CACHE_VERSION, "text_encoder": te_hash or module_fingerprint(text_encoder),
+        "version": CACHE_VERSION, "text_encoder": text_encoder_fingerprint,
         "tokenizer": _tokenizer_fingerprint(tokenizer), "captions": sorted(set(captions)), "clip_skip": clip_skip,
     })
 
@@ -134,15 +137,16 @@ def encode_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return dist.mean, dist.std
 
 
-def ensure_latent_cache(cfg: TrainConfig, vae, data: TrainData, vae_hash: str | None = None) -> LatentCache:
-    folder = default_cache_dir(cfg) / f"latents-{latent_cache_key(cfg, vae, data, vae_hash)}"
+def ensure_latent_cache(cfg: TrainConfig, vae, data: TrainData, vae_fingerprint: str) -> LatentCache:
+    folder = default_cache_dir(cfg) / f"latents-{latent_cache_key(cfg, data, vae_fingerprint)}"
     images = [str(p.resolve()) for p in data.unique_images()]
 
     def build():
         tensors = {}
+        sizes = data.target_sizes(cfg)
         for i, path in enumerate(data.unique_images()):
             flips = flip_variants(cfg)
-            pixels = torch.stack([load_image(path, data.target_sizes[path], True, f, np.random.default_rng(0)) for f in flips])
+            pixels = torch.stack([load_image(path, sizes[path], True, f, np.random.default_rng(0)) for f in flips])
             mean, std = encode_moments(vae, pixels)
             for j, f in enumerate(flips):
                 tensors[f"{i}.{int(f)}.mean"] = mean[j].float().cpu().contiguous()
@@ -154,9 +158,9 @@ def ensure_latent_cache(cfg: TrainConfig, vae, data: TrainData, vae_hash: str | 
 
 
 def ensure_text_cache(cfg: TrainConfig, tokenizer, text_encoder, captions: list[str], clip_skip: int,
-                      te_hash: str | None = None, chunk: int = 16) -> TextCache:
+                      text_encoder_fingerprint: str, chunk: int = 16) -> TextCache:
     captions = sorted(set(captions) | {""})  # "" for caption dropout and unconditional use
-    key = text_cache_key(tokenizer, text_encoder, captions, clip_skip, te_hash)
+    key = text_cache_key(tokenizer, captions, clip_skip, text_encoder_fingerprint)
     folder = default_cache_dir(cfg) / f"text-{key}"
 
     @torch.no_grad()
@@ -170,25 +174,3 @@ def ensure_text_cache(cfg: TrainConfig, tokenizer, text_encoder, captions: list[
 
     tensors, metadata = _load_or_build(folder, TEXT_FILE, build)
     return TextCache(folder, tensors, json.loads(metadata["captions"]))
-
-
-def build_caches(cfg: TrainConfig, clip_skips: list[int] | None = None, components=None,
-                 device: str | None = None) -> Path:
-    """Build every cache `cfg` uses (once per sweep, before trials): class images for prior
-    preservation, latents, and text embeddings for cfg.clip_skip plus any `clip_skips` a sweep
-    searches. Returns the cache folder. Safe to call from several processes at once."""
-    from trainer.model_loading import load_sd_components
-
-    models = components or load_sd_components(cfg.base_model)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for module in (models.vae, models.text_encoder, models.unet):
-        module.to(dev)
-    ensure_class_images(cfg, models)
-    data = load_train_data(cfg)
-    if cfg.cache_latents:
-        ensure_latent_cache(cfg, models.vae, data)
-    if cfg.cache_text_embeddings and not cfg.train_text_encoder:
-        te_hash = module_fingerprint(models.text_encoder)
-        for skip in sorted({cfg.clip_skip, *(clip_skips or [])}):
-            ensure_text_cache(cfg, models.tokenizer, models.text_encoder, data.captions(), skip, te_hash)
-    return default_cache_dir(cfg)

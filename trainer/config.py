@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import types
+import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticUndefined
 
 # Names that diffusers.optimization.get_scheduler accepts (diffusers 0.42).
 LR_SCHEDULERS = (
@@ -217,9 +220,9 @@ class TrainConfig(BaseModel):
             out.append(f"min_bucket_reso: {self.min_bucket_reso} exceeds resolution {self.resolution}")
         if self.max_bucket_reso < self.resolution:
             out.append(f"max_bucket_reso: {self.max_bucket_reso} is below resolution {self.resolution}")
-        for name in ("min_bucket_reso", "max_bucket_reso"):
-            if getattr(self, name) % step:
-                out.append(f"{name}: {getattr(self, name)} is not a multiple of bucket_reso_steps ({step})")
+        for name, value in (("min_bucket_reso", self.min_bucket_reso), ("max_bucket_reso", self.max_bucket_reso)):
+            if value % step:
+                out.append(f"{name}: {value} is not a multiple of bucket_reso_steps ({step})")
         return out
 
     @property
@@ -263,3 +266,41 @@ def build_train_config(values: dict) -> TrainConfig:
         return TrainConfig(**values)
     except ValidationError as err:
         raise TrainConfigError("invalid training config:\n  " + "\n  ".join(format_validation_error(err))) from None
+
+
+def _type_name(annotation) -> str:
+    """`int | None`, `auto|kohya|...` for a Literal, `list[str]`: as a user writes the value."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _field_rows(model_cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, info in model_cls.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _field_rows(annotation, f"{prefix}{name}.")  # nested section: its own fields
+            continue
+        if info.default is PydanticUndefined and info.default_factory is None:
+            default = "(required)"
+        else:
+            default = repr(info.default_factory() if info.default_factory else info.default)
+        rows.append((prefix + name, _type_name(annotation), default, info.description or ""))
+    return rows
+
+
+def describe_fields(model_cls: type[BaseModel]) -> str:
+    """Every field of a config model, one per line: dotted name, type, default, description.
+    Fields of a nested config model are listed as `<section>.<name>`."""
+    rows = _field_rows(model_cls)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    header = ("field", "type", "default", "description")
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[3]]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows]
+    return "\n".join(line.rstrip() for line in lines)

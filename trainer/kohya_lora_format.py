@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
@@ -25,15 +25,19 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from common.files import sha256_file
+from trainer.config import TrainConfig
+from trainer.dataset_layouts import Example
+from trainer.train_data import TrainData, load_train_data
+
+if TYPE_CHECKING:  # preparation imports this module for dataset_summary
+    from trainer.preparation import Prepared
 
 ADAPTER = "default"
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
-_KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 KEPT_PREFIXES = ("ss_", "modelspec.", "lorasweep_")  # extra metadata keys not renamed to ss_<key>
 # kohya records the optimizer's class path.
 _OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
-_IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 class KohyaExportError(ValueError):
@@ -127,41 +131,21 @@ def base_model_weights_file(base_model: str) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
-def _captions(folder: Path, default: str | None) -> list[str]:
-    """One caption per image in `folder`: metadata.jsonl, else .txt/.caption beside the image,
-    else `default` (a DreamBooth instance prompt) or the kohya folder's class tokens."""
-    meta = folder / "metadata.jsonl"
-    if meta.is_file():
-        rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [str(r.get("text", "")) for r in rows]
-    out = []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_EXTENSIONS):
-        for ext in (".txt", ".caption"):
-            if image.with_suffix(ext).is_file():
-                out.append(image.with_suffix(ext).read_text(encoding="utf-8").strip())
-                break
-        else:
-            match = _KOHYA_DIR.match(folder.name)
-            out.append(default or (match[2] if match else ""))
-    return out
-
-
-def dataset_summary(
-    dataset: str | Path, default_caption: str | None = None, num_repeats: int | None = None
-) -> tuple[dict, dict]:
-    """kohya's `ss_dataset_dirs` ({dir: {n_repeats, img_count}}) and `ss_tag_frequency`
-    ({dir: {tag: images carrying it}}) for a kohya folder, an imagefolder + metadata.jsonl or a
-    DreamBooth instance folder. `num_repeats` overrides the folders' `<repeats>_` prefixes."""
-    root = Path(dataset)
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and _KOHYA_DIR.match(d.name)) if root.is_dir() else []
-    folders = [(d, int(_KOHYA_DIR.match(d.name)[1])) for d in subdirs] or ([(root, 1)] if root.is_dir() else [])
+def dataset_summary(data: TrainData) -> dict:
+    """kohya's `ss_dataset_dirs` ({dir: {n_repeats, img_count}}) and `ss_tag_frequency` ({dir:
+    {tag: images carrying it}}) of the instance examples, as {"dirs": ..., "tag_frequency": ...}.
+    A kohya dataset has one dir per `<repeats>_<name>/` folder; other layouts one, the dataset's."""
+    groups: dict[str, list[Example]] = {}
+    for e in data.examples:
+        name = e.image_path.parent.name if data.kind == "kohya" else data.root.name
+        groups.setdefault(name, []).append(e)
     dirs, tags = {}, {}
-    for folder, repeats in folders:
-        captions = _captions(folder, default_caption)
-        dirs[folder.name] = {"n_repeats": num_repeats or repeats, "img_count": len(captions)}
-        counts = Counter(t.strip() for c in captions for t in set(c.split(",")) if t.strip())
-        tags[folder.name] = dict(sorted(counts.items()))
-    return dirs, tags
+    for name in sorted(groups):
+        captions = {e.image_path: e.caption for e in groups[name]}  # one per image, repeats collapsed
+        dirs[name] = {"n_repeats": len(groups[name]) // len(captions), "img_count": len(captions)}
+        counts = Counter(t.strip() for c in captions.values() for t in set(c.split(",")) if t.strip())
+        tags[name] = dict(sorted(counts.items()))
+    return {"dirs": dirs, "tag_frequency": tags}
 
 
 def _string(value) -> str:
@@ -172,7 +156,7 @@ def _string(value) -> str:
     return str(value)
 
 
-def modelspec(cfg, title: str) -> dict[str, str]:
+def modelspec(cfg: TrainConfig, title: str) -> dict[str, str]:
     """The Stability AI model-spec block (`modelspec.*`) that UIs read to classify the file."""
     spec = {
         "modelspec.sai_model_spec": "1.0.0",
@@ -188,24 +172,29 @@ def modelspec(cfg, title: str) -> dict[str, str]:
     return spec
 
 
-def kohya_metadata(cfg, **extra) -> dict[str, str]:
-    """kohya `ss_*` metadata and a modelspec block for a LoRA trained with `cfg` (a TrainConfig).
+def _summary_and_model_hash(cfg: TrainConfig, prepared: Prepared | None) -> tuple[dict, str | None]:
+    if prepared is not None:
+        return prepared.dataset_summary, prepared.base_model_sha256
+    weights = base_model_weights_file(cfg.base_model)
+    return dataset_summary(load_train_data(cfg, verify=False)), sha256_file(weights) if weights else None
+
+
+def kohya_metadata(cfg: TrainConfig, prepared: Prepared | None = None, **extra) -> dict[str, str]:
+    """kohya `ss_*` metadata and a modelspec block for a LoRA trained with `cfg`.
+
+    The base model's hash and the dataset summary come from `prepared` (see
+    `trainer.preparation.prepare`); without it the base model file is hashed and the dataset
+    listed here.
 
     `extra` adds or overrides keys: `steps=1200` becomes `ss_steps`, `output_name="x"` sets
     `ss_output_name` and the modelspec title; keys already starting with `ss_`, `modelspec.` or
     `lorasweep_` are kept as given. Dicts and lists become JSON. Every value is a string, as
     safetensors needs.
     """
-    from trainer.data import resolve_dataset
-    from common.cache_dir import cache_root
-
-    train_te = bool(getattr(cfg, "train_text_encoder", False))
-    te_lr = getattr(cfg, "te_lr", None) or cfg.learning_rate
-    unet_lr = getattr(cfg, "unet_lr", None) or cfg.learning_rate
-    dataset_dir = resolve_dataset(cfg.dataset, cache_root())
-    dirs, tags = dataset_summary(dataset_dir, getattr(cfg, "instance_prompt", None), getattr(cfg, "num_repeats", None))
-    weights = base_model_weights_file(cfg.base_model)
-    full_hash = sha256_file(weights) if weights else "unknown"
+    summary, model_hash = _summary_and_model_hash(cfg, prepared)
+    full_hash = model_hash or "unknown"
+    dirs = summary["dirs"]
+    train_te = cfg.train_text_encoder
     output_name = str(extra.get("output_name", "lora"))
     network_args = {"target_modules": cfg.target_modules}
     if cfg.target_modules == "all":
@@ -221,15 +210,15 @@ def kohya_metadata(cfg, **extra) -> dict[str, str]:
         "ss_network_train_unet_only": not train_te,
         "ss_clip_skip": cfg.clip_skip,  # AUTOMATIC1111 convention: 1 = off, 2 = penultimate layer
         "ss_learning_rate": cfg.learning_rate,
-        "ss_unet_lr": unet_lr,
-        "ss_text_encoder_lr": te_lr if train_te else 0.0,
+        "ss_unet_lr": cfg.learning_rate,
+        "ss_text_encoder_lr": cfg.te_lr if train_te else 0.0,
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_lr_warmup_steps": cfg.lr_warmup_steps,
         "ss_max_train_steps": cfg.max_train_steps,
         "ss_steps": cfg.max_train_steps,
         "ss_batch_size_per_device": cfg.train_batch_size,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "ss_optimizer": _OPTIMIZER_NAMES.get(getattr(cfg, "optimizer", "adamw"), getattr(cfg, "optimizer", "")),
+        "ss_optimizer": _OPTIMIZER_NAMES[cfg.optimizer],
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_noise_offset": cfg.noise_offset,
         "ss_min_snr_gamma": cfg.snr_gamma,
@@ -238,7 +227,7 @@ def kohya_metadata(cfg, **extra) -> dict[str, str]:
         "ss_seed": cfg.seed,
         "ss_num_train_images": sum(d["img_count"] * d["n_repeats"] for d in dirs.values()),
         "ss_dataset_dirs": dirs,
-        "ss_tag_frequency": tags,
+        "ss_tag_frequency": summary["tag_frequency"],
         "ss_sd_model_name": cfg.base_model,
         "ss_sd_model_hash": full_hash[:10],  # A1111's short hash: first 10 hex digits of sha256
         "ss_new_sd_model_hash": full_hash,

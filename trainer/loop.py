@@ -1,4 +1,4 @@
-"""The LoRA training loop, in plain phases: setup, step, evaluate (sample), save, restore.
+"""The LoRA training loop, in plain phases: prepare, setup, step, evaluate (sample), save, restore.
 
 Knows nothing of Ray or W&B: callers drive it step by step and read metrics from a callback.
 """
@@ -12,19 +12,21 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from trainer.buckets import BucketBatchSampler
+from trainer.cache import ensure_latent_cache, ensure_text_cache
 from trainer.config import TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES, TrainConfig, TrainConfigError
-from trainer.data import EpochSampler, Example, load_image
-from trainer.datasets import ensure_class_images, load_train_data
+from trainer.dataset_layouts import Example
+from trainer.images import load_image
+from trainer.losses import diffusion_target, per_sample_loss
 from trainer.model_loading import SDComponents, load_sd_components
+from trainer.preparation import Prepared, default_device, place_base_models, prepare, uses_text_cache
+from trainer.samplers import BucketBatchSampler, EpochSampler, bucket_ids
 from trainer.text_encoding import encode_prompts
+from trainer.train_data import data_settings
 
 MetricsCallback = Callable[[dict], None]
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,65 +36,70 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run cannot continue."""
 
 
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_train_epochs x steps per epoch when epochs are set."""
+    return cfg.max_train_epochs * steps_per_epoch if cfg.max_train_epochs is not None else cfg.max_train_steps
+
+
 class LoraTrainer:
     """One LoRA run on an SD 1.x UNet (and optionally its text encoder). `step()` is one optimizer step.
 
-    When max_train_epochs is set, `cfg.max_train_steps` of `self.cfg` is replaced by the number of
-    steps those epochs take on this data (read `trainer.cfg`, not the config passed in).
+    Constructing it runs two phases: `prepare` (skipped when a `Prepared` is given: then the
+    dataset is neither read nor verified and no module is fingerprinted) and `setup`. `self.cfg`
+    is the config passed in; `self.max_train_steps` is the run's length.
     """
 
-    def __init__(self, cfg: TrainConfig, components: SDComponents | None = None, device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def __init__(self, cfg: TrainConfig, components: SDComponents | None = None, device: str | None = None,
+                 prepared: Prepared | None = None):
+        self.cfg = cfg
+        self.device = default_device(device)
         _check_device(cfg, self.device)
         self.models = components or load_sd_components(cfg.base_model)
-        self._setup_models(cfg)
-        ensure_class_images(cfg, self.models)  # with the base model, before any LoRA layer exists
-        self.data = load_train_data(cfg)
-        self.examples = self.data.examples
-        self.latent_cache, self.text_cache = self._setup_caches(cfg)
+        if prepared is None:
+            prepared = prepare(cfg, components=self.models, device=str(self.device))
+        else:
+            _check_prepared(cfg, prepared)
+            place_base_models(self.models, cfg, self.device)
+        self.prepared = prepared
+        self.setup()
+
+    # --- setup ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Caches, LoRA layers, data order, RNGs, optimizer, schedule and loss scaler."""
+        cfg = self.cfg
+        self.data = self.prepared.data
+        self.target_sizes = self.data.target_sizes(cfg)
+        self.latent_cache, self.text_cache = self._setup_caches()
         torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG
-        self._setup_lora(cfg)
-        sizes = sorted(set(self.data.target_sizes.values()))
-        bucket_ids = [sizes.index(self.data.target_sizes[e.image_path]) for e in self.data.examples]
-        self.sampler = BucketBatchSampler(bucket_ids, cfg.train_batch_size, cfg.seed)
+        self._setup_lora()
+        self.sampler = BucketBatchSampler(bucket_ids(self.data.examples, self.target_sizes), cfg.train_batch_size, cfg.seed)
         self.class_sampler = EpochSampler(len(self.data.class_examples), cfg.seed + 1) if self.data.class_examples else None
         self.steps_per_epoch = math.ceil(self.sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
-        if cfg.max_train_epochs is not None:
-            cfg = cfg.model_copy(update={"max_train_steps": cfg.max_train_epochs * self.steps_per_epoch})
-        self.cfg = cfg
+        self.max_train_steps = total_steps(cfg, self.steps_per_epoch)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.np_rng = np.random.default_rng(cfg.seed)  # flips and random crops
         self.caption_rng = np.random.default_rng([cfg.seed, 1])  # caption dropout
-        self.optimizer = self._make_optimizer(cfg)
+        self.optimizer = self._make_optimizer()
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer=self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-            num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+            num_training_steps=self.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
         )
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16")
         self.global_step = 0
 
-    # --- setup ----------------------------------------------------------------------------
-    def _setup_models(self, cfg: TrainConfig) -> None:
-        m = self.models
-        for module in (m.unet, m.vae, m.text_encoder):
-            module.requires_grad_(False)
-            module.to(self.device)
-        m.unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
-        if cfg.prediction_type is not None:
-            m.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-
-    def _setup_caches(self, cfg: TrainConfig):
-        from trainer.cache import ensure_latent_cache, ensure_text_cache
-
-        m = self.models
-        latents = ensure_latent_cache(cfg, m.vae, self.data) if cfg.cache_latents else None
+    def _setup_caches(self):
+        """Caches the prepare phase built are found by their keys; one for settings it did not
+        prepare (a searched resolution) is built here."""
+        cfg, m, p = self.cfg, self.models, self.prepared
+        latents = ensure_latent_cache(cfg, m.vae, self.data, p.vae_fingerprint) if cfg.cache_latents else None
         text = None
-        if cfg.cache_text_embeddings and not cfg.train_text_encoder:
-            text = ensure_text_cache(cfg, m.tokenizer, m.text_encoder, self.data.captions(), cfg.clip_skip)
+        if uses_text_cache(cfg):
+            text = ensure_text_cache(cfg, m.tokenizer, m.text_encoder, self.data.captions(), cfg.clip_skip,
+                                     p.text_encoder_fingerprint)
         return latents, text
 
-    def _setup_lora(self, cfg: TrainConfig) -> None:
-        m = self.models
+    def _setup_lora(self) -> None:
+        m, cfg = self.models, self.cfg
         if cfg.mixed_precision != "no" and self.device.type == "cuda":
             m.unet.to(dtype=_DTYPES[cfg.mixed_precision])  # frozen base in half precision saves memory
         lora = dict(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian")
@@ -111,7 +118,8 @@ class LoraTrainer:
                 m.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.unet.train()
 
-    def _make_optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
         self.unet_params = [p for p in self.models.unet.parameters() if p.requires_grad]
         self.te_params = [p for p in self.models.text_encoder.parameters() if p.requires_grad] if cfg.train_text_encoder else []
         groups = [{"params": self.unet_params, "lr": cfg.learning_rate}]
@@ -147,7 +155,7 @@ class LoraTrainer:
         else:
             cfg = self.cfg
             pixels = torch.stack([
-                load_image(e.image_path, self.data.target_sizes[e.image_path], cfg.center_crop, f, self.np_rng)
+                load_image(e.image_path, self.target_sizes[e.image_path], cfg.center_crop, f, self.np_rng)
                 for e, f in zip(examples, flips)
             ]).to(self.device)
             with torch.no_grad():
@@ -203,22 +211,31 @@ class LoraTrainer:
     def step(self) -> dict:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
         start = time.perf_counter()
-        total, prior_total = 0.0, 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
+        # Summed on the device in float64 (as Python floats summed the float32 losses before), so
+        # that the step has one host sync.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        prior_total = torch.zeros_like(total)
+        for _ in range(accum):
             loss, prior = self._micro_batch_loss()
             if prior is not None:
-                prior_total += prior.item() / cfg.gradient_accumulation_steps
+                prior_total += prior.detach().double() / accum
                 loss = loss + cfg.prior_loss_weight * prior
-            loss = loss / cfg.gradient_accumulation_steps
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
-        if not math.isfinite(total):
+            loss = loss / accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach().double()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        loss_value, prior_value, grad_norm_value = torch.stack([total, prior_total, grad_norm.double()]).tolist()
+        if not math.isfinite(loss_value):
             raise TrainingDiverged(
-                f"loss became {total} at step {self.global_step + 1} (lr {self.lr_scheduler.get_last_lr()[0]:.3g}); "
+                f"loss became {loss_value} at step {self.global_step + 1} (lr {self.lr_scheduler.get_last_lr()[0]:.3g}); "
                 "lower the learning rate or enable gradient clipping"
             )
-        grad_norm = self._optimizer_step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
         lrs = self.lr_scheduler.get_last_lr()
         self.lr_scheduler.step()
         self.global_step += 1
@@ -226,38 +243,20 @@ class LoraTrainer:
         metrics = {
             "step": self.global_step,
             "epoch": self.sampler.epoch,
-            "loss": total,
+            "loss": loss_value,
             "lr": lrs[0],
-            "grad_norm": float(grad_norm),
-            "images_per_sec": cfg.train_batch_size * cfg.gradient_accumulation_steps / seconds,
+            "grad_norm": grad_norm_value,
+            "images_per_sec": cfg.train_batch_size * accum / seconds,
         }
         if self.te_params:
             metrics["lr_text_encoder"] = lrs[1]
         if self.class_sampler is not None:
-            metrics["prior_loss"] = prior_total
+            metrics["prior_loss"] = prior_value
         return metrics
 
-    def _optimizer_step(self) -> torch.Tensor:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
-    def train(
-        self,
-        num_steps: int | None = None,
-        callback: MetricsCallback | None = None,
-        checkpoint_fn: Callable[["LoraTrainer"], object] | None = None,
-    ) -> list[dict]:
-        """Run `num_steps` steps (default: until cfg.max_train_steps); returns every step's metrics.
-        `checkpoint_fn(trainer)` runs every cfg.checkpoint_interval steps (when > 0)."""
-        remaining = self.cfg.max_train_steps - self.global_step
+    def train(self, num_steps: int | None = None, callback: MetricsCallback | None = None) -> list[dict]:
+        """Run `num_steps` steps (default: until max_train_steps); returns every step's metrics."""
+        remaining = self.max_train_steps - self.global_step
         steps = remaining if num_steps is None else min(num_steps, remaining)
         history = []
         for _ in range(steps):
@@ -265,9 +264,6 @@ class LoraTrainer:
             history.append(metrics)
             if callback:
                 callback(metrics)
-            interval = self.cfg.checkpoint_interval
-            if checkpoint_fn and interval and self.global_step % interval == 0:
-                checkpoint_fn(self)
         return history
 
     # --- evaluate -------------------------------------------------------------------------
@@ -308,7 +304,7 @@ class LoraTrainer:
             "text_encoder_lora": self.text_encoder_lora_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+            "grad_scaler": self.scaler.state_dict(),
             "global_step": self.global_step,
             "sampler": self.sampler.state_dict(),
             "class_sampler": self.class_sampler.state_dict() if self.class_sampler else None,
@@ -325,7 +321,7 @@ class LoraTrainer:
             set_peft_model_state_dict(self.models.text_encoder, state["text_encoder_lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler and state.get("grad_scaler"):
+        if state.get("grad_scaler"):  # {} (None in older checkpoints) without a loss scaler
             self.scaler.load_state_dict(state["grad_scaler"])
         self.global_step = state["global_step"]
         self.sampler.load_state_dict(state["sampler"])
@@ -346,27 +342,13 @@ def _check_device(cfg: TrainConfig, device: torch.device) -> None:
         raise TrainConfigError(f"optimizer: adamw8bit (bitsandbytes) needs a CUDA device (this run is on {device}); use adamw")
 
 
-def diffusion_target(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (epsilon) or the velocity (v_prediction)."""
-    kind = sched.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return sched.get_velocity(latents, noise, t)
-    raise ValueError(f"prediction_type {kind!r} is not trainable here; use epsilon or v_prediction")
-
-
-def per_sample_loss(pred, target, snr: torch.Tensor | None, gamma: float | None, prediction_type: str) -> torch.Tensor:
-    """Per-sample MSE (mean over C, H, W), weighted by min(SNR, gamma) / SNR when `snr` is given
-    (Hang et al. 2023); v-prediction uses min(SNR, gamma) / (SNR + 1)."""
-    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    if snr is None:
-        return per
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-    return per * weights
-
-
-def min_snr_loss(pred, target, snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Mean of the min-SNR weighted per-sample MSE."""
-    return per_sample_loss(pred, target, snr, gamma, prediction_type).mean()
+def _check_prepared(cfg: TrainConfig, prepared: Prepared) -> None:
+    """A Prepared read for other data settings would train on the wrong examples."""
+    wanted = data_settings(cfg)
+    differ = sorted(k for k, v in wanted.items() if prepared.data.settings.get(k) != v)
+    if differ:
+        raise TrainConfigError(
+            "the prepared data was read for other data settings ("
+            + ", ".join(f"{k}: {prepared.data.settings.get(k)!r} there, {wanted[k]!r} here" for k in differ)
+            + "); prepare this config instead"
+        )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from diffusers import (
@@ -15,7 +13,6 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from common.files import atomic_write
 from trainer.config import SamplingConfig
 from trainer.model_loading import SDComponents
 from trainer.text_encoding import encode_prompts
@@ -78,26 +75,3 @@ def sample_images(
         ).images
         out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
     return np.concatenate(out, axis=0)
-
-
-def generate_class_images(models: SDComponents, cfg, count: int, folder: Path, batch_size: int = 4) -> list[Path]:
-    """`count` images of `cfg.class_prompt` from the base model (LoRA-free: call before adding
-    adapters), saved as PNG into `folder` after the ones already there. Seeds follow the file
-    index, so a folder topped up later holds the same images as one generated at once."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    start = len([p for p in folder.iterdir() if p.suffix.lower() == ".png" and p.name.startswith("class_")])
-    written = []
-    for first in range(start, start + count, batch_size):
-        idx = list(range(first, min(first + batch_size, start + count)))
-        images = sample_images(
-            models, [cfg.class_prompt] * len(idx), [cfg.seed * 1_000_003 + i for i in idx],
-            cfg.clip_skip, cfg.resolution, cfg.sampling,
-        )
-        for i, im in zip(idx, images):
-            path = folder / f"class_{i:05d}.png"
-            # atomic: a reader never sees half an image
-            atomic_write(path, lambda tmp, im=im: Image.fromarray(im).save(tmp, format="PNG"), fsync=False)
-            written.append(path)
-    return written

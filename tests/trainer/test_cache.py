@@ -9,19 +9,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer.cache import (
-    LATENTS_FILE,
-    TEXT_FILE,
-    build_caches,
-    ensure_latent_cache,
-    ensure_text_cache,
-    module_fingerprint,
-)
+from trainer.cache import LATENTS_FILE, TEXT_FILE, ensure_latent_cache, ensure_text_cache, module_fingerprint
 from trainer.config import build_train_config
-from trainer.data import load_image
-from trainer.datasets import load_train_data
+from trainer.images import load_image
 from trainer.loop import LoraTrainer
 from trainer.model_loading import load_sd_components
+from trainer.preparation import prepare
+from trainer.train_data import load_train_data
 
 
 def _cfg(tiny_sd_dir, dataset, cache, **over):
@@ -34,6 +28,11 @@ def _cfg(tiny_sd_dir, dataset, cache, **over):
 @pytest.fixture(scope="module")
 def models(tiny_sd_dir):
     return load_sd_components(str(tiny_sd_dir))
+
+
+@pytest.fixture(scope="module")
+def fingerprints(models):
+    return module_fingerprint(models.vae), module_fingerprint(models.text_encoder)
 
 
 def _small_dataset(root, n=3):
@@ -61,11 +60,12 @@ def test_loss_with_and_without_cache_agree(tiny_sd_dir, tmp_path):
         torch.testing.assert_close(v, plain.lora_state_dict()[k], rtol=1e-3, atol=1e-5)
 
 
-def test_cache_holds_the_vae_moments_and_embeddings(tiny_sd_dir, tmp_path, models):
+def test_cache_holds_the_vae_moments_and_embeddings(tiny_sd_dir, tmp_path, models, fingerprints):
+    vae_fp, te_fp = fingerprints
     data_dir = _small_dataset(tmp_path / "data", n=2)
     cfg = _cfg(tiny_sd_dir, data_dir, tmp_path / "c", random_flip=True)
     data = load_train_data(cfg)
-    cache = ensure_latent_cache(cfg, models.vae, data)
+    cache = ensure_latent_cache(cfg, models.vae, data, vae_fp)
     path = data.unique_images()[0]
     pixels = load_image(path, 64, True, True, np.random.default_rng(0))[None]
     with torch.no_grad():
@@ -74,31 +74,32 @@ def test_cache_holds_the_vae_moments_and_embeddings(tiny_sd_dir, tmp_path, model
     torch.testing.assert_close(mean, dist.mean[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(std, dist.std[0], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(mean, cache.moments(path, False)[0]), "flip variants are cached separately"
-    text = ensure_text_cache(cfg, models.tokenizer, models.text_encoder, data.captions(), 1)
+    text = ensure_text_cache(cfg, models.tokenizer, models.text_encoder, data.captions(), 1, te_fp)
     assert "" in text and data.captions()[0] in text
 
 
-def test_changes_invalidate(tiny_sd_dir, tmp_path, models):
+def test_changes_invalidate(tiny_sd_dir, tmp_path, models, fingerprints):
+    vae_fp, te_fp = fingerprints
     data_dir = _small_dataset(tmp_path / "data", n=2)
     cfg = _cfg(tiny_sd_dir, data_dir, tmp_path / "c")
     data = load_train_data(cfg)
-    first = ensure_latent_cache(cfg, models.vae, data)
+    first = ensure_latent_cache(cfg, models.vae, data, vae_fp)
     base = first.folder
-    assert ensure_latent_cache(cfg, models.vae, load_train_data(cfg)).folder == base, "same inputs, same cache"
+    assert ensure_latent_cache(cfg, models.vae, load_train_data(cfg), vae_fp).folder == base, "same inputs, same cache"
     cfg32 = _cfg(tiny_sd_dir, data_dir, tmp_path / "c", resolution=32)
-    assert ensure_latent_cache(cfg32, models.vae, load_train_data(cfg32)).folder != base
+    assert ensure_latent_cache(cfg32, models.vae, data, vae_fp).folder != base, "data read once serves other sizes"
     flip = _cfg(tiny_sd_dir, data_dir, tmp_path / "c", random_flip=True)
-    assert ensure_latent_cache(flip, models.vae, load_train_data(flip)).folder != base
+    assert ensure_latent_cache(flip, models.vae, load_train_data(flip), vae_fp).folder != base
     img = data.unique_images()[0]
     Image.new("RGB", (64, 64), (1, 2, 3)).save(img)
     os.utime(img, ns=(1, 1))  # a different mtime too, whatever the clock resolution
-    changed = ensure_latent_cache(cfg, models.vae, load_train_data(cfg))
+    changed = ensure_latent_cache(cfg, models.vae, load_train_data(cfg), vae_fp)
     assert changed.folder != base
     assert not torch.allclose(changed.moments(img, False)[0], first.moments(img, False)[0])
     captions = data.captions()
-    t1 = ensure_text_cache(cfg, models.tokenizer, models.text_encoder, captions, 1).folder
-    assert ensure_text_cache(cfg, models.tokenizer, models.text_encoder, captions, 2).folder != t1
-    assert ensure_text_cache(cfg, models.tokenizer, models.text_encoder, captions + ["new"], 1).folder != t1
+    t1 = ensure_text_cache(cfg, models.tokenizer, models.text_encoder, captions, 1, te_fp).folder
+    assert ensure_text_cache(cfg, models.tokenizer, models.text_encoder, captions, 2, te_fp).folder != t1
+    assert ensure_text_cache(cfg, models.tokenizer, models.text_encoder, captions + ["new"], 1, te_fp).folder != t1
     other = load_sd_components(str(tiny_sd_dir)).vae
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
@@ -107,9 +108,9 @@ def test_changes_invalidate(tiny_sd_dir, tmp_path, models):
 
 def _build(cfg_values: dict, out: str) -> None:
     torch.set_num_threads(1)
-    path = build_caches(build_train_config(cfg_values), device="cpu")
+    prepared = prepare(build_train_config(cfg_values), device="cpu")
     with open(out, "w") as fh:
-        fh.write(str(path))
+        fh.write(prepared.vae_fingerprint + prepared.text_encoder_fingerprint)
 
 
 @pytest.mark.slow
@@ -123,8 +124,7 @@ def test_two_processes_build_one_valid_cache(tiny_sd_dir, tmp_path):
     for p in procs:
         p.join(timeout=600)
         assert p.exitcode == 0
-    roots = {(tmp_path / f"out{i}").read_text() for i in range(2)}
-    assert roots == {str(tmp_path / "c")}
+    assert len({(tmp_path / f"out{i}").read_text() for i in range(2)}) == 1, "both fingerprinted the same models"
     latents = list((tmp_path / "c").glob(f"latents-*/{LATENTS_FILE}"))
     texts = list((tmp_path / "c").glob(f"text-*/{TEXT_FILE}"))
     assert len(latents) == 1 and len(texts) == 1, "both processes used one cache of each kind"

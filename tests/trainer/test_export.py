@@ -241,18 +241,36 @@ def test_fused_checkpoint_equals_lora_loaded(kohya_full, tmp_path, tiny_sd_dir, 
 
 
 def test_dataset_summary_for_imagefolder_and_dreambooth(tmp_path):
+    from PIL import Image
+
     from trainer.kohya_lora_format import dataset_summary
+    from trainer.train_data import load_train_data
 
     imf = tmp_path / "imf"
     imf.mkdir()
     rows = [{"file_name": "a.png", "text": "sks, dress, red"}, {"file_name": "b.png", "text": "sks, dress"}]
     (imf / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    dirs, tags = dataset_summary(imf)
-    assert dirs == {"imf": {"n_repeats": 1, "img_count": 2}}
-    assert tags == {"imf": {"dress": 2, "red": 1, "sks": 2}}
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(imf / name)
+    summary = dataset_summary(load_train_data(TrainConfig(base_model="x", dataset=str(imf))))
+    assert summary["dirs"] == {"imf": {"n_repeats": 1, "img_count": 2}}
+    assert summary["tag_frequency"] == {"imf": {"dress": 2, "red": 1, "sks": 2}}
     db = tmp_path / "db"
     db.mkdir()
     for name in ("x.png", "y.jpg"):
-        (db / name).write_bytes(b"")
-    dirs, tags = dataset_summary(db, default_caption="a photo of sks dog", num_repeats=5)
-    assert dirs == {"db": {"n_repeats": 5, "img_count": 2}} and tags == {"db": {"a photo of sks dog": 2}}
+        Image.new("RGB", (8, 8)).save(db / name)
+    cfg = TrainConfig(base_model="x", dataset=str(db), instance_prompt="a photo of sks dog", num_repeats=5)
+    summary = dataset_summary(load_train_data(cfg))
+    assert summary["dirs"] == {"db": {"n_repeats": 5, "img_count": 2}}
+    assert summary["tag_frequency"] == {"db": {"a photo of sks dog": 2}}
+
+
+def test_kohya_dataset_summary_has_one_dir_per_folder(demo_dataset):
+    from trainer.kohya_lora_format import dataset_summary
+    from trainer.train_data import load_train_data
+
+    summary = dataset_summary(load_train_data(TrainConfig(base_model="x", dataset=str(demo_dataset)), verify=False))
+    concept = {k: v for k, v in summary["dirs"].items() if k.startswith("5_")}
+    assert sorted(summary["dirs"]) == ["2_shape", "5_lswsks shape"]
+    assert concept == {"5_lswsks shape": {"n_repeats": 5, "img_count": 18}}
+    assert summary["tag_frequency"]["5_lswsks shape"]["a lswsks circle"] >= 1

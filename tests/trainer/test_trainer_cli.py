@@ -112,3 +112,23 @@ def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
             (folder / "trainer_state.json").write_text("{}")
     assert latest_checkpoint(tmp_path) == tmp_path / "step-10"
     assert latest_checkpoint(tmp_path / "none") is None
+
+
+def test_describe_fields_lists_every_field_with_type_default_and_description():
+    from trainer.config import SamplingConfig, describe_fields
+
+    text = describe_fields(TrainConfig)
+    rows = {line.split()[0]: line for line in text.splitlines()[1:]}
+    top = {n for n, f in TrainConfig.model_fields.items() if n != "sampling"}
+    nested = {f"sampling.{n}" for n in SamplingConfig.model_fields}
+    assert set(rows) == top | nested, "every field, nested ones as sampling.<name>"
+    assert rows["rank"].split()[1:3] == ["int", "4"] and "LoRA rank" in rows["rank"]
+    assert rows["base_model"].split()[2] == "(required)"
+    assert "int | None" in rows["num_repeats"] and "fail|skip" in rows["on_bad_image"]
+    assert rows["sampling.steps"].split()[1:3] == ["int", "8"] and "Denoising steps" in rows["sampling.steps"]
+
+
+def test_cli_lists_fields_and_help_points_there():
+    fields = _run("--fields")
+    assert fields.returncode == 0 and "sampling.guidance_scale" in fields.stdout and "learning_rate" in fields.stdout
+    assert "--fields" in _run("--help").stdout

@@ -1,39 +1,59 @@
-"""Aspect-ratio buckets (kohya style) and the resumable batch sampler that draws within them.
+"""Resumable samplers: shuffled epochs of examples, and batches drawn within one aspect-ratio bucket.
 
-Buckets are (width, height) pairs in `step` px increments between a min and a max side whose
-area is at most resolution^2; each image goes to the bucket of nearest aspect ratio (in log
-space, so 2:1 and 1:2 are equally far from 1:1), is resized to cover it and cropped. A batch
-holds images of one bucket only, so its latents stack.
+A batch holds images of one bucket only, so its latents stack. Both samplers restore exactly
+from their state, so a resumed run draws the same data as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+from pathlib import Path
 
 import torch
 
-Size = tuple[int, int]  # (width, height) in pixels
+from trainer.dataset_layouts import DatasetError, Example
+from trainer.images import Size
 
 
-def make_buckets(resolution: int, min_reso: int, max_reso: int, step: int = 64) -> list[Size]:
-    """Every (w, h) with sides multiples of `step` in [min_reso, max_reso] and w*h <= resolution^2,
-    taking for each width the largest fitting height (and its transpose)."""
-    area = resolution * resolution
-    buckets: set[Size] = set()
-    for w in range(min_reso, max_reso + 1, step):
-        h = min(max_reso, (area // w) // step * step)
-        if h >= min_reso:
-            buckets.add((w, h))
-            buckets.add((h, w))
-    if not buckets:
-        raise ValueError(f"no bucket fits resolution {resolution} between {min_reso} and {max_reso} px")
-    return sorted(buckets)
+def bucket_ids(examples: list[Example], target_sizes: dict[Path, Size]) -> list[int]:
+    """Each example's bucket: the index of its target size among the sorted distinct sizes."""
+    sizes = sorted(set(target_sizes.values()))
+    return [sizes.index(target_sizes[e.image_path]) for e in examples]
 
 
-def nearest_bucket(size: Size, buckets: list[Size]) -> Size:
-    """The bucket whose aspect ratio is nearest the image's (ties: the larger area)."""
-    aspect = math.log(size[0] / size[1])
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+class EpochSampler:
+    """Shuffled epochs over the examples, resumable exactly from its state."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples = num_examples
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.num_examples, generator=g).tolist()
+
+    def next_indices(self, count: int) -> list[int]:
+        out = []
+        order = self._order()
+        while len(out) < count:
+            if self.position >= self.num_examples:
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            out.append(order[self.position])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_examples": self.num_examples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_examples"] != self.num_examples:
+            raise DatasetError(
+                f"checkpoint was taken on a dataset of {state['num_examples']} examples, this one has {self.num_examples}"
+            )
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
 
 
 class BucketBatchSampler:
@@ -101,6 +121,4 @@ class BucketBatchSampler:
 
 
 def _ids_hash(ids: list[int]) -> str:
-    import hashlib
-
     return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]

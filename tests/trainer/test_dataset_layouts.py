@@ -1,9 +1,25 @@
-import numpy as np
+"""Dataset layouts (kohya, imagefolder + metadata.jsonl, DreamBooth), their detection and errors,
+and TrainData as load_train_data builds it."""
+
+import json
+
 import pytest
 from PIL import Image
 
 from toyworld.lora_task import TRIGGER as DEMO_TRIGGER
-from trainer.data import DatasetError, EpochSampler, ensure_demo_dataset, load_image, load_kohya_folder
+from trainer.config import build_train_config
+from trainer.dataset_layouts import DatasetError, detect_dataset_type, load_imagefolder, load_kohya_folder
+from trainer.train_data import ensure_demo_dataset, load_train_data
+
+
+def _img(path, size=(16, 16), color=(200, 0, 0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _cfg(dataset, **over):
+    return build_train_config({"base_model": "builtin:tiny-sd", "dataset": str(dataset), "resolution": 64, **over})
 
 
 def test_demo_dataset_is_kohya_layout_with_trigger(tmp_path):
@@ -34,8 +50,6 @@ def test_missing_caption_falls_back_to_class_tokens(tmp_path):
 
 
 def test_empty_imagefolder_caption_is_bad_data(tmp_path):
-    from trainer.datasets import load_imagefolder
-
     for name in ("a.png", "b.png"):
         Image.new("RGB", (16, 16)).save(tmp_path / name)
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a dog"}\n'
@@ -54,50 +68,6 @@ def test_dataset_errors_name_path_and_fix(tmp_path):
     (tmp_path / "5_x y").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         load_kohya_folder(tmp_path)
-    bad = tmp_path / "5_x y" / "bad.png"
-    bad.write_bytes(b"not a png")
-    with pytest.raises(DatasetError, match="cannot read image .*bad.png"):
-        load_image(bad, 64, True, False, np.random.default_rng(0))
-
-
-def test_load_image_crops_and_scales(tmp_path):
-    arr = np.zeros((40, 80, 3), dtype=np.uint8)
-    arr[:, :40] = 255
-    Image.fromarray(arr).save(tmp_path / "wide.png")
-    x = load_image(tmp_path / "wide.png", 32, True, False, np.random.default_rng(0))
-    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    flipped = load_image(tmp_path / "wide.png", 32, True, True, np.random.default_rng(0))
-    assert np.allclose(flipped.numpy(), x.numpy()[:, :, ::-1])
-
-
-def test_epoch_sampler_resumes_exactly():
-    a = EpochSampler(7, seed=3)
-    first = a.next_indices(5)
-    state = a.state_dict()
-    rest = a.next_indices(12)
-    b = EpochSampler(7, seed=3)
-    b.load_state_dict(state)
-    assert b.next_indices(12) == rest
-    assert sorted(first + rest[:2]) == list(range(7)), "an epoch visits every example once"
-
-
-# --- imagefolder, DreamBooth, detection, bad images -------------------------------------------
-
-import json  # noqa: E402
-
-from trainer.buckets import BucketBatchSampler, make_buckets, nearest_bucket  # noqa: E402
-from trainer.config import build_train_config  # noqa: E402
-from trainer.datasets import detect_dataset_type, load_imagefolder, load_train_data  # noqa: E402
-
-
-def _img(path, size=(16, 16), color=(200, 0, 0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def _cfg(dataset, **over):
-    return build_train_config(dict(base_model="builtin:tiny-sd", dataset=str(dataset), resolution=64, **over))
 
 
 def test_imagefolder_metadata_jsonl(tmp_path):
@@ -109,8 +79,9 @@ def test_imagefolder_metadata_jsonl(tmp_path):
     examples = load_imagefolder(tmp_path, num_repeats=2)
     assert sorted({(e.image_path.name, e.caption) for e in examples}) == [("a.png", "a red square"), ("b.jpg", "another")]
     assert len(examples) == 4
-    data = load_train_data(_cfg(tmp_path))
-    assert data.kind == "imagefolder" and data.target_sizes[tmp_path / "a.png"] == (64, 64)
+    cfg = _cfg(tmp_path)
+    data = load_train_data(cfg)
+    assert data.kind == "imagefolder" and data.target_sizes(cfg)[tmp_path / "a.png"] == (64, 64)
 
 
 def test_imagefolder_errors_and_skip(tmp_path):
@@ -128,16 +99,6 @@ def test_imagefolder_errors_and_skip(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
     with pytest.raises(DatasetError, match=r"metadata.jsonl:1: expected a JSON object with file_name and text"):
         load_imagefolder(tmp_path)
-
-
-def test_corrupt_image_fails_or_is_skipped(tmp_path):
-    sub = tmp_path / "2_sks dog"
-    _img(sub / "good.png")
-    (sub / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(DatasetError, match="cannot read image .*broken.png.*on_bad_image: skip"):
-        load_train_data(_cfg(tmp_path))
-    data = load_train_data(_cfg(tmp_path, on_bad_image="skip"))
-    assert [e.image_path.name for e in data.examples] == ["good.png", "good.png"]
 
 
 def test_dreambooth_folder_and_detection(tmp_path):
@@ -162,45 +123,27 @@ def test_kohya_repeats_override(tmp_path):
     assert len(load_kohya_folder(tmp_path, num_repeats=2)) == 2
 
 
-# --- buckets ----------------------------------------------------------------------------------
-
-
-def test_buckets_are_kohya_style():
-    buckets = make_buckets(512, 256, 1024, 64)
-    assert (512, 512) in buckets
-    for w, h in buckets:
-        assert w % 64 == 0 and h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 1024
-        assert w * h <= 512 * 512
-        assert (h, w) in buckets
-    assert nearest_bucket((1920, 1080), buckets) == (640, 384)
-    assert nearest_bucket((1080, 1920), buckets) == (384, 640)
-    assert nearest_bucket((300, 300), buckets) == (512, 512)
-
-
-def test_bucket_sampler_batches_within_buckets_and_resumes():
-    ids = [0, 1, 0, 2, 1, 0, 0, 1, 2, 0]
-    s = BucketBatchSampler(ids, batch_size=2, seed=5)
-    epoch = [s.next_batch() for _ in range(s.batches_per_epoch)]
-    assert sorted(i for b in epoch for i in b) == list(range(10)), "an epoch visits every example once"
-    assert all(len({ids[i] for i in b}) == 1 for b in epoch), "a batch never mixes buckets"
-    s.next_batch()
-    state = s.state_dict()
-    rest = [s.next_batch() for _ in range(9)]
-    t = BucketBatchSampler(ids, batch_size=2, seed=5)
-    t.load_state_dict(state)
-    assert [t.next_batch() for _ in range(9)] == rest
-    with pytest.raises(ValueError, match="same data"):
-        BucketBatchSampler(ids[:-1], 2, 5).load_state_dict(state)
-
-
-def test_bucketed_data_and_image_shapes(tmp_path):
-    sub = tmp_path / "1_x y"
-    _img(sub / "wide.png", (128, 64))
-    _img(sub / "tall.png", (64, 128))
-    _img(sub / "square.png", (80, 80))
-    cfg = _cfg(tmp_path, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
-    data = load_train_data(cfg)
-    sizes = {p.name: s for p, s in data.target_sizes.items()}
-    assert sizes == {"wide.png": (96, 32), "tall.png": (32, 96), "square.png": (64, 64)}
-    x = load_image(sub / "wide.png", sizes["wide.png"], True, False, np.random.default_rng(0))
-    assert x.shape == (3, 32, 96)
+@pytest.mark.parametrize("layout", ["kohya", "imagefolder", "dreambooth"])
+def test_listing_without_verifying_opens_no_image(tmp_path, layout):
+    """verify=False (dry-run counting) yields the same examples as a checked read, from files
+    that are not images at all, and refuses to give target sizes it never measured."""
+    root = tmp_path / "d"
+    over = {}
+    if layout == "kohya":
+        folder = root / "4_sks dog"
+    elif layout == "imagefolder":
+        folder = root
+    else:
+        folder, over = root, {"instance_prompt": "a photo of sks dog"}
+    folder.mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"not an image")
+    if layout == "imagefolder":
+        (root / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", "text": "y"}\n')
+    cfg = _cfg(root, **over)
+    listed = load_train_data(cfg, verify=False)
+    assert len(listed.examples) == (8 if layout == "kohya" else 2) and listed.kind == layout
+    with pytest.raises(DatasetError, match="without checking its images"):
+        listed.target_sizes(cfg)
+    with pytest.raises(DatasetError, match="cannot read image"):
+        load_train_data(cfg)

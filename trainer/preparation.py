@@ -1,0 +1,80 @@
+"""The prepare phase: what a run needs that is resolved once, before training.
+
+A sweep's driver calls `prepare` once and ships the `Prepared` to every trial, so that no trial
+re-reads and re-verifies the dataset, fingerprints the VAE and text encoder, or hashes the base
+model's weights (3.4 GB for SD 1.5); `python -m trainer` calls it as its first phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from common.files import sha256_file
+from trainer.cache import ensure_latent_cache, ensure_text_cache, module_fingerprint
+from trainer.class_images import ensure_class_images
+from trainer.config import TrainConfig
+from trainer.kohya_lora_format import base_model_weights_file, dataset_summary
+from trainer.model_loading import SDComponents, load_sd_components, resolve_base_model
+from trainer.train_data import TrainData, load_train_data
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a training run needs that is resolved once, before training (picklable: a sweep ships it to every trial)."""
+
+    base_model: str  # resolved: local absolute path, or hub id
+    base_model_sha256: str | None  # of the weights file that identifies the base model (kohya ss_sd_model_hash / ss_new_sd_model_hash); None when not a local file
+    data: TrainData  # verified examples (repeats included), class examples, raw image sizes
+    vae_fingerprint: str  # what module_fingerprint(vae) returns: latent cache keys are computed from it
+    text_encoder_fingerprint: str  # ditto for text caches
+    dataset_summary: dict  # {"dirs": ..., "tag_frequency": ...} for kohya metadata
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def place_base_models(models: SDComponents, cfg: TrainConfig, device: torch.device) -> None:
+    """Freeze the base model on `device` with the config's attention and prediction type: set
+    before class images are generated, so that they come from the model that is trained."""
+    for module in (models.unet, models.vae, models.text_encoder):
+        module.requires_grad_(False)
+        module.to(device)
+    models.unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
+    if cfg.prediction_type is not None:
+        models.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+
+
+def uses_text_cache(cfg: TrainConfig) -> bool:
+    return cfg.cache_text_embeddings and not cfg.train_text_encoder
+
+
+def prepare(cfg: TrainConfig, clip_skips: list[int] | None = None, components: SDComponents | None = None,
+            device: str | None = None) -> Prepared:
+    """Class images (prior preservation), then the dataset read and verified once, then latent and
+    text caches (text caches for cfg.clip_skip and every clip skip in `clip_skips`); returns Prepared.
+    Callable from the CLI and by a sweep's driver; safe from several processes at once."""
+    _, base_model = resolve_base_model(cfg.base_model)  # a hub id stays a hub id
+    weights = base_model_weights_file(cfg.base_model)
+    models = components or load_sd_components(cfg.base_model)
+    place_base_models(models, cfg, default_device(device))
+    ensure_class_images(cfg, models)  # with the base model, before any LoRA layer exists
+    data = load_train_data(cfg)
+    vae_fingerprint = module_fingerprint(models.vae)
+    text_encoder_fingerprint = module_fingerprint(models.text_encoder)
+    if cfg.cache_latents:
+        ensure_latent_cache(cfg, models.vae, data, vae_fingerprint)
+    if uses_text_cache(cfg):
+        for skip in sorted({cfg.clip_skip, *(clip_skips or [])}):
+            ensure_text_cache(cfg, models.tokenizer, models.text_encoder, data.captions(), skip, text_encoder_fingerprint)
+    return Prepared(
+        base_model=base_model,
+        base_model_sha256=sha256_file(weights) if weights else None,
+        data=data,
+        vae_fingerprint=vae_fingerprint,
+        text_encoder_fingerprint=text_encoder_fingerprint,
+        dataset_summary=dataset_summary(data),
+    )
