@@ -33,7 +33,7 @@ def run(values: dict, eval_every: int, seeds: tuple[int, ...]) -> list[dict]:
                **{k: round(v, 3) for k, v in oracle_metrics(images, prompts, TRIGGER).items()},
                "wall_s": round(time.perf_counter() - start, 1)}
         out.append(row)
-        if trainer.global_step >= trainer.cfg.max_train_steps:
+        if trainer.global_step >= trainer.max_train_steps:
             return out
         history = trainer.train(eval_every)
 

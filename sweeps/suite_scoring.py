@@ -34,7 +34,7 @@ def training_images(trainer: LoraTrainer, limit: int = 64) -> np.ndarray:
         if example.image_path in seen or len(out) >= limit:
             continue
         seen.add(example.image_path)
-        size = trainer.data.target_sizes.get(example.image_path, cfg.resolution)
+        size = trainer.target_sizes.get(example.image_path, cfg.resolution)
         x = load_image(example.image_path, size, True, False, rng)  # CHW in [-1, 1]
         out.append(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
     if len({im.shape for im in out}) > 1:  # bucketed sizes: keep the most common one for one batch

@@ -21,10 +21,11 @@ from sweeps.results import sweep_uri
 from sweeps.spec import SpecError
 from sweeps.cluster_fit import local_fit_problems
 from sweeps.spec_schema import SweepSpec
-from trainer.config import TrainConfig, build_train_config
-from trainer.dataset_layouts import DatasetError, detect_dataset_type, resolve_dataset
+from trainer.config import TrainConfig, TrainConfigError, build_train_config
+from trainer.dataset_layouts import DatasetError, detect_dataset_type
 from trainer.model_loading import BaseModelError, resolve_base_model
 from trainer.preparation import Prepared, prepare
+from trainer.train_data import resolve_dataset
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
         raise SpecError(source, [f"dataset: {err}"]) from None
     except BaseModelError as err:
         raise SpecError(source, [f"base_model: {err}"]) from None
+    except TrainConfigError as err:  # a value the base model cannot take (clip skip beyond its text encoder)
+        field = str(err).split(":", 1)[0]
+        raise SpecError(source, [f"{'space' if field in spec.space else 'train'}.{err}"]) from None
     prompts, seeds = spec.eval_prompts()
     suite = spec.prompt_suite()
     items = expand_suite(suite, spec.trigger_word, spec.eval.class_word) if suite is not None else None

@@ -137,6 +137,12 @@ def detect_dataset_type(root: Path) -> str:
         return "kohya"
     if images_in(root):
         return "dreambooth"
+    unprefixed = sorted(d.name for d in root.iterdir() if d.is_dir() and images_in(d))
+    if unprefixed:
+        raise DatasetError(
+            f"dataset folder {root}: subfolder {unprefixed[0]!r} holds images but its name lacks kohya's "
+            f"`<repeats>_` prefix; rename it, e.g. to `10_{unprefixed[0]}` (10 repeats per epoch)"
+        )
     raise DatasetError(
         f"dataset folder {root} has no {METADATA_FILE}, no kohya `<repeats>_<name>/` subfolders and no images; "
         "see dataset_type for the supported layouts"

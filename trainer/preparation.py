@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from common.files import sha256_file
 from trainer.cache import ensure_latent_cache, ensure_text_cache, module_fingerprint
 from trainer.class_images import ensure_class_images
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, TrainConfigError
 from trainer.kohya_lora_format import base_model_weights_file, dataset_summary
 from trainer.model_loading import SDComponents, load_sd_components, resolve_base_model
 from trainer.train_data import TrainData, load_train_data
@@ -48,6 +48,15 @@ def place_base_models(models: SDComponents, cfg: TrainConfig, device: torch.devi
         models.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
 
 
+def _check_clip_skips(models: SDComponents, clip_skips: list[int]) -> None:
+    """Clip skip N reads the text encoder's N-th last layer: more than it has can never encode."""
+    layers = models.text_encoder.config.num_hidden_layers
+    too_deep = [k for k in clip_skips if k > layers]
+    if too_deep:
+        raise TrainConfigError(f"clip_skip: {too_deep[0]} exceeds the base model's text encoder, which has {layers} "
+                               f"layers; use 1 (off) to {layers}")
+
+
 def uses_text_cache(cfg: TrainConfig) -> bool:
     return cfg.cache_text_embeddings and not cfg.train_text_encoder
 
@@ -59,10 +68,14 @@ def prepare(cfg: TrainConfig, clip_skips: list[int] | None = None, components: S
     Callable from the CLI and by a sweep's driver; safe from several processes at once."""
     _, base_model = resolve_base_model(cfg.base_model)  # a hub id stays a hub id
     weights = base_model_weights_file(cfg.base_model)
+    # Without class images to make, a broken dataset fails before any model is loaded.
+    data = None if cfg.with_prior_preservation else load_train_data(cfg)
     models = components or load_sd_components(cfg.base_model)
+    _check_clip_skips(models, sorted({cfg.clip_skip, *(clip_skips or [])}))
     place_base_models(models, cfg, default_device(device))
-    ensure_class_images(cfg, models)  # with the base model, before any LoRA layer exists
-    data = load_train_data(cfg)
+    if data is None:
+        ensure_class_images(cfg, models)  # with the base model, before any LoRA layer exists
+        data = load_train_data(cfg)
     vae_fingerprint = module_fingerprint(models.vae)
     text_encoder_fingerprint = module_fingerprint(models.text_encoder)
     if cfg.cache_latents:

@@ -44,7 +44,7 @@ DEMO_TEXT = DEMO.read_text()
 CASES = [
     ("inverted range", None, ["space.learning_rate={type: loguniform, low: 1e-2, high: 1e-4}"], None,
      ["space.learning_rate.low: must be < high"]),
-    ("zero batch size", None, ["train.train_batch_size=0"], None, ["train.train_batch_size", "greater than 0"]),
+    ("zero batch size", None, ["train.train_batch_size=0"], None, ["train.train_batch_size: Input should be greater than or equal to 1"]),
     ("negative eval interval", None, ["eval.interval=-5"], None, ["eval.interval", "greater than or equal to 1"]),
     ("unknown lr scheduler", None, ["space.lr_scheduler={type: choice, values: [constant, warmup_bogus]}"], None,
      ["space.lr_scheduler: value 'warmup_bogus' is invalid"]),
@@ -54,7 +54,7 @@ CASES = [
      ["pruner.options.n_startup: unknown option of optuna.pruners.MedianPruner"]),
     ("unknown key", DEMO_TEXT + "lr: 0.001\n", [], None, ["lr: unknown key"]),
     ("clip skip beyond the text encoder", None, ["train.clip_skip=6"], None,
-     ["clip_skip", "6", "4 layers"]),
+     ["train.clip_skip: 6 exceeds the base model's text encoder, which has 4 layers"]),
     ("kohya folder without the N_ prefix", None, [], lambda t: _kohya(t, folder="lswsks shape"),
      ["dataset:", "lswsks shape", "<repeats>_"]),
     ("corrupt image", None, [], lambda t: _kohya(t, bad_image=True), ["dataset:", "broken.png"]),

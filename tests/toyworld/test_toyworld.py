@@ -87,7 +87,7 @@ def test_concept_images_show_the_held_out_colour_in_every_shape():
 @pytest.mark.parametrize("layout", ["kohya", "imagefolder", "dreambooth"])
 def test_lora_dataset_layouts_load_in_the_trainer(tmp_path, layout):
     from trainer.config import build_train_config
-    from trainer.datasets import load_train_data
+    from trainer.train_data import load_train_data
 
     root = write_lora_dataset(tmp_path / layout, layout=layout)
     assert write_lora_dataset(root, layout=layout) == root  # written once
