@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from evaluator import TINY_CLIP_ID
@@ -15,15 +14,9 @@ from toyworld.world import render_shapes
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+@pytest.fixture
+def two_nodes(ray_cluster):
+    return ray_cluster({"num_cpus": 1}, {"num_cpus": 1})
 
 
 @ray.remote(num_cpus=0.1)

@@ -23,15 +23,7 @@ DEMO_SUITE = Path(__file__).resolve().parents[2] / "examples" / "suites" / "demo
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=100 * 1024 * 1024)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def service(ray_session):
+def service(ray_local):
     # Long max_wait so that concurrent requests in the tests surely share batches.
     handle = start_evaluator(NAME, TINY_CLIP_ID, None, num_cpus=0.5, max_batch_size=16,
                              max_wait_ms=100.0)  # detached, as in a sweep
@@ -161,7 +153,7 @@ def test_timeout_says_what_to_do(service):
 
 
 @pytest.mark.slow  # starts and kills a second service
-def test_dead_or_missing_service_says_how_to_restart(ray_session):
+def test_dead_or_missing_service_says_how_to_restart(ray_local):
     handle = start_evaluator("doomed", TINY_CLIP_ID, None, replicas=1, num_cpus=0.25,
                              max_restarts=0, detached=False)
     images, caps = render_shapes(2, seed=61)

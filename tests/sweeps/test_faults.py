@@ -121,10 +121,7 @@ def _node_of(cluster, pid: int):
 
 
 @pytest.mark.slow
-def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
+def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_path, ray_cluster):
     from sweeps.prepare import prepare_sweep
     from sweeps.results import load_records
     from sweeps.tuner import run_sweep
@@ -132,11 +129,8 @@ def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_p
     spec = prepare_sweep(load_spec(DEMO, [
         f"storage={tmp_path}", "search.num_trials=1", "search.max_concurrent=1", "train.max_train_steps=40",
         "eval.interval=4", "eval.seeds=[0]", "failure.max_failures=2"]))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    cluster.add_node(num_cpus=1, resources={"node_a": 1})
-    cluster.add_node(num_cpus=1, resources={"node_b": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+    cluster = ray_cluster({"num_cpus": 0}, {"num_cpus": 1, "resources": {"node_a": 1}},
+                          {"num_cpus": 1, "resources": {"node_b": 1}})
     killed = {}
 
     def kill_after_first_checkpoint():
@@ -152,14 +146,10 @@ def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_p
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    try:
-        killer.start()
-        run_sweep(spec)
-        killer.join(timeout=5)
-        records = load_records(spec)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    killer.start()
+    run_sweep(spec)
+    killer.join(timeout=5)
+    records = load_records(spec)
     assert killed, "the trial finished before its node could be killed"
     (record,) = records
     assert record.row.state == "complete" and record.row.steps == 40

@@ -65,17 +65,6 @@ class EventLog(tune.Callback):
         self._write({"kind": "complete", "trial": trial.trial_id})
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        # address="local": our own cluster even when another one runs on this machine.
-        ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def _spec(pruner: dict, num_trials: int = 10, **search):
     data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
     data.update(
@@ -160,7 +149,7 @@ def test_make_scheduler_kinds():
     {"type": "median", "options": {"n_startup_trials": 2}},
     pytest.param({"type": "successive_halving", "options": {"reduction_factor": 2}}, marks=pytest.mark.slow),
 ], ids=["median", "successive_halving"])
-def test_optuna_pruner_prunes_where_optuna_alone_does(local_ray, tmp_path, pruner):
+def test_optuna_pruner_prunes_where_optuna_alone_does(ray_local, tmp_path, pruner):
     spec = _spec(pruner)
     study_dir, events, last_step = _run(spec, tmp_path)
     _, expected = _replay(spec, events, _numbers(study_dir, spec.name))
@@ -178,7 +167,7 @@ def test_optuna_pruner_prunes_where_optuna_alone_does(local_ray, tmp_path, prune
     assert all(set(t.intermediate_values) <= set(STEPS) for t in study.trials)
 
 
-def test_asha_stops_are_pruned_not_complete(local_ray, tmp_path):
+def test_asha_stops_are_pruned_not_complete(ray_local, tmp_path):
     spec = _spec({"type": "asha", "options": {"max_t": 50, "grace_period": 10, "reduction_factor": 2}})
     study_dir, _, last_step = _run(spec, tmp_path)
     stopped = {t: s for t, s in last_step.items() if s < 50}

@@ -56,25 +56,21 @@ def test_plain_prompt_specs_use_no_suite(suite_setup, tiny_sd_dir, demo_dataset)
 
 
 @pytest.mark.slow
-def test_shared_service_gives_the_local_scores(suite_setup):
-    import ray
-
+def test_shared_service_gives_the_local_scores(suite_setup, ray_local):
     from evaluator.remote import evaluator_stats, start_evaluator, stop_evaluator
 
     spec, trainer = suite_setup
     prompts, seeds = spec.eval_prompts()
     images = trainer.sample(prompts, seeds)
     local = make_suite_scorer(spec, None, trainer)(images, prompts)
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    handle = start_evaluator(name="suite-test", model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
+                             replicas=1, num_cpus=0, detached=False)
     try:
-        handle = start_evaluator(name="suite-test", model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
-                                 replicas=1, num_cpus=0, detached=False)
         remote = make_suite_scorer(spec, "suite-test", trainer)(images, prompts)
         make_suite_scorer(spec, "suite-test", trainer)  # a second trial: references already cached
         stats = evaluator_stats(handle)
-        stop_evaluator(name="suite-test")
     finally:
-        ray.shutdown()
+        stop_evaluator(name="suite-test")
     for key in ("clip_score", "clip_i", "prior_preservation", "trigger_effect", "objective"):
         assert remote[key] == pytest.approx(local[key], rel=1e-3, abs=1e-3), key
     assert stats["model_loads"] == 1

@@ -61,10 +61,8 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
 
 
 @pytest.mark.slow
-def test_four_trials_two_at_a_time_on_logical_gpus_with_median_pruner(tmp_path):
+def test_four_trials_two_at_a_time_on_logical_gpus_with_median_pruner(tmp_path, ray_local):
     """Trials ask for one (logical) GPU each; local Ray declares two, so two run at a time."""
-    import ray
-
     from sweeps.export import export_sweep, read_manifest
     from sweeps.prepare import prepare_sweep
     from sweeps.results import load_records, sweep_uri
@@ -75,13 +73,9 @@ def test_four_trials_two_at_a_time_on_logical_gpus_with_median_pruner(tmp_path):
         f"storage={tmp_path}", "search.num_trials=4", "search.max_concurrent=4", "search.sampler=tpe",
         "resources.gpus_per_trial=1", "resources.cpus_per_trial=0.5", "train.max_train_steps=8",
         "eval.interval=4", "pruner.type=median", "pruner.options={n_startup_trials: 1}"]))
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
-    try:
-        run_sweep(spec)
-        records = load_records(spec)
-        export_sweep(spec, records)
-    finally:
-        ray.shutdown()
+    run_sweep(spec)
+    records = load_records(spec)
+    export_sweep(spec, records)
     assert len(records) == 4
     assert {r.row.state for r in records} <= {"complete", "pruned"}
     # At most two trials ever overlapped: each held one of the two logical GPUs. Ray's `timestamp`
@@ -108,13 +102,20 @@ def test_four_trials_two_at_a_time_on_logical_gpus_with_median_pruner(tmp_path):
         ("resources.cpus_per_trial=4096", "resources.cpus_per_trial: 4096 CPUs per trial, but this machine has"),
     ],
 )
-def test_bad_specs_fail_clearly_before_ray_starts(tmp_path, capsys, override, expected):
+def test_bad_specs_fail_clearly_before_ray_starts(tmp_path, capsys, monkeypatch, override, expected):
     import ray
 
+    from sweeps import tuner
     from sweeps.run import main
 
+    # The session's Ray may be running already (ensure_ray would then return early): what counts
+    # is that main() tries to start or join none.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad spec reached Ray")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(tuner, "ensure_ray", refuse)
     code = main(["--space", str(ROOT / "examples" / "demo.yaml"), "--set", f"storage={tmp_path}", "--set", override])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and "demo.yaml" in err, err
-    assert not ray.is_initialized()
     assert not list(tmp_path.glob("demo/tune")), "nothing may start for a bad spec"

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from ray import cloudpickle, tune
 from safetensors import safe_open
@@ -58,13 +57,6 @@ def stub_trial(config: dict) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def demo_spec(tmp_path, *overrides):
     sets = [f"storage={tmp_path}", "search.num_trials=4", "search.max_concurrent=2", "failure.max_failures=1",
             "train.max_train_steps=10", "objective={metric: clip_score, mode: max}", "space.lr_scheduler=constant",
@@ -73,7 +65,7 @@ def demo_spec(tmp_path, *overrides):
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(local_ray, tmp_path_factory):
+def finished_sweep(ray_local, tmp_path_factory):
     spec = demo_spec(tmp_path_factory.mktemp("sweep"), "export.top_k=2",
                      "search.initial_configs=[{learning_rate: 0.001, rank: 8}]")
     run_sweep(spec, trainable=stub_trial)
@@ -155,7 +147,7 @@ def test_status_of_a_sweep_that_never_ran_is_a_clear_error(tmp_path, capsys):
     assert "no sweep state here yet" in capsys.readouterr().err
 
 
-def test_multi_objective_sweep_exports_its_pareto_front(local_ray, tmp_path):
+def test_multi_objective_sweep_exports_its_pareto_front(ray_local, tmp_path):
     spec = demo_spec(
         tmp_path, "objective=[{metric: clip_score, mode: max}, {metric: loss, mode: min}]", "search.sampler=nsga2", "pruner.type=none",
         "search.num_trials=5", "space.rank={type: choice, values: [2, 4]}",
