@@ -22,6 +22,7 @@ from toyworld.oracle import oracle_metrics
 from trainer.config import build_train_config
 from trainer.loop import LoraTrainer
 
+
 def run(values: dict, eval_every: int, seeds: tuple[int, ...]) -> list[dict]:
     trainer = LoraTrainer(build_train_config(values))
     prompts, seeds = judge_prompts(seeds)

@@ -6,7 +6,8 @@
 Same config, same seed, same trainer code otherwise. Each (mode, repeat) runs in its own process
 (for its own peak RSS); modes alternate per repeat so machine noise hits both alike.
 
-    .venv/bin/python bench/train_step.py [--model tiny|sd15-quarter|sd15-half] [--resolution 128] [--batch 4] [--steps 6] [--repeats 3]
+    .venv/bin/python bench/train_step.py [--model tiny|sd15-quarter|sd15-half] [--resolution 128] [--batch 4]
+        [--steps 6] [--repeats 3]
 
 --interleave times both modes in ONE process, alternating step by step, so that the speed
 swings of a shared machine hit both alike (no per-mode peak RSS then).
@@ -136,7 +137,8 @@ def run_interleaved(args) -> None:
     pair = [c / p for c, p in zip(times["cached"], times["per_step"])]
     print(f"model {args.model}, resolution {args.resolution}px, batch {args.batch}, {args.steps} interleaved steps per mode")
     for mode, ts in times.items():
-        print(f"  {mode:9s} median step wall {statistics.median(ts) * 1000:8.1f} ms  (min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f})")
+        print(f"  {mode:9s} median step wall {statistics.median(ts) * 1000:8.1f} ms  "
+              f"(min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f})")
     print(f"  ratio of medians {statistics.median(times['cached']) / statistics.median(times['per_step']):.3f}, "
           f"median of per-pair ratios {statistics.median(pair):.3f} (target <= 0.7)")
     print(json.dumps({"step_s": times}))
@@ -195,14 +197,16 @@ def report_flops(args) -> None:
         print(f"  {mode:9s} {n / 1e9:10.3f} GFLOP")
     print(f"  ratio cached / per_step: {step['cached'] / step['per_step']:.3f} (target <= 0.7)")
     sd = sd15_component_flops()
-    print("SD 1.5 architectures at 512 px, batch 1 (meta device): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP" for k, v in sd.items()))
+    flops = ", ".join(f"{k} {v / 1e12:.3f} TFLOP" for k, v in sd.items())
+    print(f"SD 1.5 architectures at 512 px, batch 1 (meta device): {flops}")
     print(f"  ratio UNet fwd+bwd / (that + VAE encode + text encode): {sd['unet_forward_backward'] / sum(sd.values()):.3f}")
     print(json.dumps({"step_flops": step, "sd15_flops": sd}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolution", type=int, default=128, help="training side in px (128: the tiny model's 64 px steps are mostly per-op overhead on a CPU)")
+    p.add_argument("--resolution", type=int, default=128,
+                   help="training side in px (128: the tiny model's 64 px steps are mostly per-op overhead on a CPU)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=6, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=2)
@@ -246,11 +250,13 @@ def report(results: dict[str, list[dict]], args) -> None:
     med = {m: statistics.median(statistics.median(x["step_s"]) for x in runs) for m, runs in results.items()}
     cpu = {m: statistics.median(statistics.median(x["step_cpu_s"]) for x in runs) for m, runs in results.items()}
     rss = {m: max(x["peak_rss_mib"] for x in runs) for m, runs in results.items()}
-    print(f"model {args.model}, resolution {args.resolution}px, batch {args.batch}, {args.steps} timed steps x {args.repeats} repeats per mode")
+    print(f"model {args.model}, resolution {args.resolution}px, batch {args.batch}, "
+          f"{args.steps} timed steps x {args.repeats} repeats per mode")
     for m in MODES:
         cuda = results[m][0]["cuda_peak_mib"]
         extra = f", CUDA peak {cuda:.0f} MiB" if cuda is not None else ""
-        print(f"  {m:9s} median step wall {med[m] * 1000:8.1f} ms  CPU {cpu[m] * 1000:8.1f} ms  peak RSS {rss[m]:7.0f} MiB{extra}")
+        print(f"  {m:9s} median step wall {med[m] * 1000:8.1f} ms  CPU {cpu[m] * 1000:8.1f} ms  "
+              f"peak RSS {rss[m]:7.0f} MiB{extra}")
     print(f"  ratio cached / per_step: wall {med['cached'] / med['per_step']:.3f}, "
           f"CPU time {cpu['cached'] / cpu['per_step']:.3f} (target <= 0.7)")
     print(json.dumps({"wall_s": med, "cpu_s": cpu, "peak_rss_mib": rss}))

@@ -8,9 +8,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
 
 FILE_MODE = 0o644  # mkstemp makes 0600; other users and Ray workers read shared caches
 DIR_MODE = 0o755

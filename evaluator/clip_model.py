@@ -25,7 +25,6 @@ from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from evaluator.image_checks import validate_images
 from evaluator.tiny import TINY_CLIP_ID, TINY_CLIP_NAME, ensure_tiny_clip, register_tiny_clip
 
-
 _SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip reads config and weights from these itself
 _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 

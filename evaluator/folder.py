@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluator.clip_model import ClipModel
 from common.image_files import IMAGE_EXTENSIONS, images_in
+from evaluator.clip_model import ClipModel
 from evaluator.metrics import TORCHMETRICS_SCALE, clip_t
 from evaluator.score import suite_metrics
 from evaluator.suites import SuiteItem, clip_texts, expand_suite, load_suite
+
 
 def image_files(folder: str | Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name."""

@@ -25,8 +25,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, TORCHMETRICS_SCALE
-from evaluator.image_checks import validate_images
 from evaluator.evaluator_service import EvaluatorService, MissingReference, _check_prompts
+from evaluator.image_checks import validate_images
 from evaluator.suites import SuiteItem, check_items
 
 # torch, open_clip and the model wrapper are imported inside the actor only (evaluator.evaluator_service):

@@ -7,8 +7,15 @@ import numpy as np
 import torch
 
 from evaluator.clip_model import ClipModel, validate_images
-from evaluator.metrics import (OBJECTIVE_COMPONENTS, TORCHMETRICS_SCALE, clip_i, clip_t,
-                               composite_objective, prior_preservation, trigger_effect)
+from evaluator.metrics import (
+    OBJECTIVE_COMPONENTS,
+    TORCHMETRICS_SCALE,
+    clip_i,
+    clip_t,
+    composite_objective,
+    prior_preservation,
+    trigger_effect,
+)
 from evaluator.suites import CONCEPT_KINDS, KINDS, PROMPT_KINDS, SuiteItem, check_items, clip_texts
 
 

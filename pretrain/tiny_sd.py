@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from toyworld.world import HELD_OUT_COLOR, KNOWN_COLORS, render_world
 from common.files import sha256_file
+from toyworld.world import HELD_OUT_COLOR, KNOWN_COLORS, render_world
 from trainer.text_encoding import encode_token_ids, tokenize
 from trainer.tiny import SD15_SCHEDULER_CONFIG, build_tiny_sd_pipeline
 

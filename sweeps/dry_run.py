@@ -20,6 +20,7 @@ from typing import Any
 
 from sweeps.pruner_options import pruner_options
 from sweeps.spec_schema import ParamSpace, SweepSpec
+from sweeps.trial_plan import input_problems
 from trainer.config import TrainConfig
 
 STEP_S_PER_IMAGE = 0.4  # s per training image per optimizer step, SD 1.x at 512 px, fp16, A10G/3090 class
@@ -160,4 +161,7 @@ def describe_sweep(spec: SweepSpec) -> str:
                  "setup per trial; no pruning (an upper bound)")
     if spec.base_model.startswith("builtin:"):
         lines.append(f"note: {spec.base_model} is a tiny test model; the per-step figures are for SD 1.x")
+    # The dry run may be made on a machine that is not the cluster's: what is missing here is a
+    # warning, not an error (the sweep itself refuses it).
+    lines += [f"warning: {problem}" for problem in input_problems(spec, local=False)]
     return "\n".join(lines)

@@ -21,8 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweeps import storage
-from sweeps.results import (BASE_SAMPLES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, SHOWN_METRICS, TRIAL_INFO,
-                            TrialRecord, load_records, scored_checkpoints, sweep_uri)
+from sweeps.results import (
+    BASE_SAMPLES,
+    LORA_DIFFUSERS,
+    LORA_KOHYA,
+    SAMPLES_FILE,
+    SHOWN_METRICS,
+    TRIAL_INFO,
+    TrialRecord,
+    load_records,
+    scored_checkpoints,
+    sweep_uri,
+)
 from sweeps.sample_grids import labelled_rows, read_grid
 from sweeps.spec_schema import SweepSpec
 
@@ -98,7 +108,7 @@ def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None) -> E
     best_files = _export_best(spec, entries[0], root, staging, hashes, comparison)
     manifest = {
         "sweep": spec.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "objectives": [o.model_dump() for o in spec.objectives],
         "selection": "pareto_front" if len(spec.objectives) > 1 else f"top_{spec.export.top_k}",
         "entries": entries,

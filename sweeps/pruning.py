@@ -34,6 +34,7 @@ from sweeps.pruner_options import OPTUNA_PRUNERS, pruner_options
 from sweeps.search import SweepOptunaSearch, unwrap_searcher
 from sweeps.spec_schema import SweepSpec
 
+
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner | None:
     """The spec's Optuna pruner (its resources are training steps), or None for none/asha."""
     name = OPTUNA_PRUNERS.get(spec.pruner.type)

@@ -45,7 +45,8 @@ def _pull_from(root: str | Path, to: str | Path, rank: int, fmt: str | None) -> 
     manifest = read_manifest(str(root))
     entries = {e["rank"]: e for e in manifest["entries"]}
     if rank not in entries:
-        raise PullError(f"{root}: --rank {rank} was not exported (ranks {sorted(entries)}); raise export.top_k and run --export-only")
+        raise PullError(f"{root}: --rank {rank} was not exported (ranks {sorted(entries)}); "
+                        "raise export.top_k and run --export-only")
     entry = entries[rank]
     layouts = {k: v for k, v in entry["files"].items() if k in ("kohya", "diffusers")}
     fmt = fmt or ("kohya" if "kohya" in layouts else "diffusers")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid

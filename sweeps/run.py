@@ -10,8 +10,9 @@ import sys
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Run a LoRA hyperparameter sweep on Ray Tune + Optuna.",
-        epilog="The spec's keys are documented in README.md (Sweep spec); `--fields` lists every training "
-               "field that `train:` fixes and `space:` searches, with its type, default and meaning.")
+        epilog="The spec's sections are described in README.md (Running your own sweep) and "
+               "docs/architecture.md; `--fields` lists every training field that `train:` fixes and "
+               "`space:` searches, with its type, default and meaning.")
     p.add_argument("--space", help="sweep spec YAML (see examples/)")
     p.add_argument("--address", default=None, help="Ray cluster address; local Ray when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from common.files import atomic_write_text
 from sweeps.spec_schema import ParamSpace, SweepSpec, search_order
 
 JOURNAL_FILE = "optuna.journal"
@@ -203,10 +203,7 @@ class SweepOptunaSearch(OptunaSearch):
     def mark_pruned(self, trial_id: str, step: int) -> None:
         """Called by the scheduler that stops the trial: it is told PRUNED when Tune completes it."""
         self.pruned[trial_id] = {"number": self._ot_trials[trial_id].number, "step": int(step)}
-        self.study_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.study_dir / f".{PRUNED_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(self.pruned, indent=2, sort_keys=True))
-        os.replace(tmp, self.study_dir / PRUNED_FILE)
+        atomic_write_text(self.study_dir / PRUNED_FILE, json.dumps(self.pruned, indent=2, sort_keys=True), fsync=False)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.report_intermediate(trial_id, result)

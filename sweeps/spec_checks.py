@@ -13,8 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from evaluator.metrics import REPORTED_METRICS
 from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
-from sweeps.spec_schema import (EvalSpec, ObjectiveSpec, ParamSpace, PrunerSpec, ResourcesSpec, SearchSpec, SweepSpec,
-                                search_order)
+from sweeps.spec_schema import EvalSpec, ObjectiveSpec, ParamSpace, PrunerSpec, ResourcesSpec, SearchSpec, SweepSpec, search_order
 from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, TrainConfigError, format_validation_error
 
@@ -42,8 +41,8 @@ def space_problems(spec: SweepSpec) -> list[str]:
             try:
                 spec.train_config({name: value})
             except TrainConfigError as err:
-                lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip().startswith(f"{name}:")]
-                problems += [f"space.{name}: value {value!r} is invalid ({ln.split(':', 1)[1].strip()})" for ln in lines]
+                problems += [f"space.{name}: value {value!r} is invalid ({msg})"
+                             for path, msg in err.problems if path.split(".")[0] == name]
     return problems
 
 
@@ -55,9 +54,7 @@ def train_problems(spec: SweepSpec) -> list[str]:
     try:
         spec.train_config(sample)
     except TrainConfigError as err:
-        return both + [
-            f"train.{ln.strip()}" for ln in str(err).splitlines()[1:] if ln.strip().split(":")[0].split(".")[0] not in sample
-        ]
+        return both + [f"train.{path}: {msg}" for path, msg in err.problems if path.split(".")[0] not in sample]
     return both
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -22,8 +22,7 @@ from ray import tune
 
 from evaluator.remote import connect_evaluator, score_remote
 from sweeps import storage
-from sweeps.results import (BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE,  # noqa: F401
-                            STATE_DIR, TRIAL_INFO)
+from sweeps.results import BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.sample_grids import save_grid
 from sweeps.suite_scoring import make_suite_scorer
 from sweeps.trial_plan import TrialPlan
@@ -32,7 +31,6 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfigError
 from trainer.export import kohya_metadata, save_lora_diffusers, save_lora_kohya
 from trainer.loop import LoraTrainer, TrainingDiverged
-
 
 Scorer = Callable[[np.ndarray, list[str]], dict]
 

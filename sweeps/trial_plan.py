@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from evaluator.suites import SuiteItem, expand_suite
 from evaluator.tiny import TINY_CLIP_ID, ensure_tiny_clip
+from sweeps.cluster_fit import local_fit_problems
 from sweeps.results import sweep_uri
 from sweeps.spec import SpecError
-from sweeps.cluster_fit import local_fit_problems
 from sweeps.spec_schema import SweepSpec
 from trainer.config import TrainConfig, TrainConfigError, build_train_config
 from trainer.dataset_layouts import DatasetError, detect_dataset_type

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import ray
 from ray import tune
@@ -14,8 +14,8 @@ from evaluator.remote import start_evaluator, stop_evaluator
 from sweeps import storage
 from sweeps.cluster_fit import TrialStartTimeout, cluster_fit_warning
 from sweeps.progress import ProgressPrinter
-from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
 from sweeps.pruning import make_pruner, make_scheduler
+from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
 from sweeps.search import RAY_TRIAL_ATTR, load_study, make_search_alg
 from sweeps.spec_schema import SweepSpec
 from sweeps.tracking import trial_settings

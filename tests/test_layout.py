@@ -135,3 +135,10 @@ def test_the_import_graph_has_no_cycles():
     for node in sorted(graph):
         visit(node)
     assert cycles == []
+
+
+def test_the_code_passes_ruff():
+    """The lint rules in pyproject.toml ([tool.ruff]) hold for every Python file of the repository."""
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

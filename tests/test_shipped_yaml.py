@@ -47,9 +47,9 @@ CLUSTER_KEYS = {"cluster_name", "provider"}
 def _ignored(root: Path) -> tuple[list[str], list[str]]:
     """The .gitignore patterns of folders and of files (no negations in this repo's file)."""
     path = root / ".gitignore"
-    lines = [l.strip() for l in path.read_text().splitlines()] if path.is_file() else []
-    lines = [l.lstrip("/") for l in lines if l and not l.startswith(("#", "!"))]
-    return [l.rstrip("/") for l in lines], [l for l in lines if not l.endswith("/")]
+    lines = [line.strip() for line in path.read_text().splitlines()] if path.is_file() else []
+    lines = [line.lstrip("/") for line in lines if line and not line.startswith(("#", "!"))]
+    return [line.rstrip("/") for line in lines], [line for line in lines if not line.endswith("/")]
 
 
 def shipped_yaml(root: Path = ROOT) -> list[Path]:

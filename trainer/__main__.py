@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.overrides import apply_overrides
 from common.yaml_files import YamlFileError, read_yaml
-from trainer.config import TrainConfig, describe_fields, format_validation_error
+from trainer.config import TrainConfig, describe_fields, format_validation_error, train_config_problems
 
 EXIT_CONFIG = 2
 CHECKPOINTS = "checkpoints"
@@ -59,10 +59,10 @@ def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str
         out_values = {}
     out_values.update({k: v for k, v in (("dir", output_dir), ("format", fmt)) if v is not None})
     cfg = options = None
-    try:
+    config_problems = train_config_problems(values)
+    problems += [f"{path or '(top level)'}: {msg}" for path, msg in config_problems]
+    if not config_problems:
         cfg = TrainConfig(**values)
-    except ValidationError as err:
-        problems += format_validation_error(err)
     try:
         options = OutputOptions(**out_values)
     except ValidationError as err:
@@ -113,7 +113,7 @@ def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = Fa
     out = Path(options.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     models = load_sd_components(cfg.base_model)
     prepared = prepare(cfg, components=models)
     trainer = LoraTrainer(cfg, components=models, prepared=prepared)

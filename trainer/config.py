@@ -8,7 +8,7 @@ import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticUndefined
+from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticUndefined
 
 # Names that diffusers.optimization.get_scheduler accepts (diffusers 0.42).
 LR_SCHEDULERS = (
@@ -39,7 +39,23 @@ TEXT_ENCODER_TARGET_MODULES = {
 
 
 class TrainConfigError(ValueError):
-    """A TrainConfig that cannot be built; the message lists every problem with its field."""
+    """A TrainConfig that cannot be built; the message lists every problem with its field.
+
+    `problems` holds (dotted field path, message) pairs, e.g. ("sampling.seeds", "..."), so that
+    callers (the sweep's spec checks) place each under their own YAML path.
+    """
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+def _located(model: str, problems: list[tuple[str, str, object]]) -> ValidationError:
+    """Cross-field problems as a ValidationError whose entries carry their fields' locations, as
+    pydantic's own field errors do (a model validator may raise it; pydantic nests the locations)."""
+    return ValidationError.from_exception_data(model, [
+        InitErrorDetails(type=PydanticCustomError("combination", "{msg}", {"msg": msg}), loc=(field,), input=value)
+        for field, msg, value in problems])
 
 
 class SamplingConfig(BaseModel):
@@ -61,9 +77,10 @@ class SamplingConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_seeds(self) -> "SamplingConfig":
+    def _check_seeds(self) -> SamplingConfig:
         if self.seeds and len(self.seeds) != len(self.prompts):
-            raise ValueError(f"seeds: {len(self.seeds)} seeds for {len(self.prompts)} prompts; give one per prompt or none")
+            raise _located("SamplingConfig", [("seeds", f"{len(self.seeds)} seeds for {len(self.prompts)} prompts; "
+                                               "give one per prompt or none", self.seeds)])
         return self
 
 
@@ -185,44 +202,48 @@ class TrainConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> "TrainConfig":
-        problems = []
-        if self.resolution % 8:
-            problems.append(f"resolution: {self.resolution} is not a multiple of 8 (VAE downsamples by 8)")
-        if self.max_train_epochs is None and self.lr_warmup_steps >= self.max_train_steps and self.lr_scheduler != "constant":
-            problems.append("lr_warmup_steps: must be smaller than max_train_steps")
-        if self.max_train_epochs is not None and "max_train_steps" in self.model_fields_set:
-            problems.append("max_train_epochs: set either max_train_epochs or max_train_steps, not both")
-        if self.with_prior_preservation:
-            if not self.class_prompt:
-                problems.append("class_prompt: required when with_prior_preservation is true (e.g. 'a photo of a dog')")
-            if not self.class_data_dir:
-                problems.append("class_data_dir: required when with_prior_preservation is true (a folder, may be empty)")
-        if self.dataset_type == "dreambooth" and not self.instance_prompt:
-            problems.append("instance_prompt: required for dataset_type dreambooth (e.g. 'a photo of sks dog')")
-        if self.enable_bucket:
-            problems += self._bucket_problems()
-        if self.cache_latents and not self.center_crop:
-            problems.append(
-                "cache_latents: random crops (center_crop: false) cannot be cached; set center_crop: true or cache_latents: false"
-            )
-        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            problems.append("optimizer: adamw8bit needs bitsandbytes (CUDA only): `pip install bitsandbytes`, or use adamw")
+    def _check_combinations(self) -> TrainConfig:
+        problems = self.combination_problems()
         if problems:
-            raise ValueError("\n".join(problems))  # one line per field; format_validation_error splits them
+            raise _located("TrainConfig", [(field, msg, getattr(self, field)) for field, msg in problems])
         return self
 
-    def _bucket_problems(self) -> list[str]:
+    def combination_problems(self) -> list[tuple[str, str]]:
+        """(field, message) for each value that is valid alone but not with the others."""
+        out = []
+        if self.resolution % 8:
+            out.append(("resolution", f"{self.resolution} is not a multiple of 8 (VAE downsamples by 8)"))
+        if self.max_train_epochs is None and self.lr_warmup_steps >= self.max_train_steps and self.lr_scheduler != "constant":
+            out.append(("lr_warmup_steps", "must be smaller than max_train_steps"))
+        if self.max_train_epochs is not None and "max_train_steps" in self.model_fields_set:
+            out.append(("max_train_epochs", "set either max_train_epochs or max_train_steps, not both"))
+        if self.with_prior_preservation:
+            if not self.class_prompt:
+                out.append(("class_prompt", "required when with_prior_preservation is true (e.g. 'a photo of a dog')"))
+            if not self.class_data_dir:
+                out.append(("class_data_dir", "required when with_prior_preservation is true (a folder, may be empty)"))
+        if self.dataset_type == "dreambooth" and not self.instance_prompt:
+            out.append(("instance_prompt", "required for dataset_type dreambooth (e.g. 'a photo of sks dog')"))
+        if self.enable_bucket:
+            out += self._bucket_problems()
+        if self.cache_latents and not self.center_crop:
+            out.append(("cache_latents", "random crops (center_crop: false) cannot be cached; set center_crop: true "
+                                         "or cache_latents: false"))
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            out.append(("optimizer", "adamw8bit needs bitsandbytes (CUDA only): `pip install bitsandbytes`, or use adamw"))
+        return out
+
+    def _bucket_problems(self) -> list[tuple[str, str]]:
         out, step = [], self.bucket_reso_steps
         if step % 8:
-            out.append(f"bucket_reso_steps: {step} is not a multiple of 8")
+            out.append(("bucket_reso_steps", f"{step} is not a multiple of 8"))
         if self.min_bucket_reso > self.resolution:
-            out.append(f"min_bucket_reso: {self.min_bucket_reso} exceeds resolution {self.resolution}")
+            out.append(("min_bucket_reso", f"{self.min_bucket_reso} exceeds resolution {self.resolution}"))
         if self.max_bucket_reso < self.resolution:
-            out.append(f"max_bucket_reso: {self.max_bucket_reso} is below resolution {self.resolution}")
+            out.append(("max_bucket_reso", f"{self.max_bucket_reso} is below resolution {self.resolution}"))
         for name, value in (("min_bucket_reso", self.min_bucket_reso), ("max_bucket_reso", self.max_bucket_reso)):
             if value % step:
-                out.append(f"{name}: {value} is not a multiple of bucket_reso_steps ({step})")
+                out.append((name, f"{value} is not a multiple of bucket_reso_steps ({step})"))
         return out
 
     @property
@@ -235,37 +256,51 @@ class TrainConfig(BaseModel):
         return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
-    """One line per problem, each naming its dotted path (`train.rank: ...`).
-
-    Cross-field problems are raised by a model validator as one message of lines that each start
-    with their field name: they are split back into one line each, under that field's path.
-    """
-    lines = []
+def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
+    """(dotted path, message) for each of pydantic's errors, from its own locations."""
+    out = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
-        if e["type"] == "value_error":
+        elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-            for part in msg.split("\n"):
-                field, sep, rest = part.partition(": ")
-                sub = ".".join(p for p in (loc, field) if p) if sep and " " not in field else loc
-                path = ".".join(p for p in (prefix, sub) if p)
-                lines.append(f"{path or '(top level)'}: {rest if sep and ' ' not in field else part}")
-            continue
-        path = ".".join(p for p in (prefix, loc) if p)
-        lines.append(f"{path or '(top level)'}: {msg}")
-    return lines
+        out.append((".".join(str(p) for p in e["loc"]), msg))
+    return out
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem, each naming its dotted path (`train.rank: ...`)."""
+    return [f"{'.'.join(p for p in (prefix, path) if p) or '(top level)'}: {msg}" for path, msg in validation_problems(err)]
+
+
+def train_config_problems(values: dict) -> list[tuple[str, str]]:
+    """Every problem of these TrainConfig values at once: the fields that fail alone, and the
+    combinations of the others (pydantic skips the cross-field checks when a field fails, so they
+    are run again without the failing fields; a combination naming one of those is left out)."""
+    try:
+        TrainConfig(**values)
+        return []
+    except ValidationError as err:
+        problems = validation_problems(err)
+    failing = {path.split(".")[0] for path, _ in problems}
+    rest = {k: v for k, v in values.items() if k not in failing}
+    if rest != values:
+        try:
+            TrainConfig(**rest)
+        except ValidationError as err:
+            problems += [p for p in validation_problems(err) if p[0].split(".")[0] not in failing and p not in problems]
+    return problems
 
 
 def build_train_config(values: dict) -> TrainConfig:
     """Build a TrainConfig or raise TrainConfigError listing every problem."""
     try:
         return TrainConfig(**values)
-    except ValidationError as err:
-        raise TrainConfigError("invalid training config:\n  " + "\n  ".join(format_validation_error(err))) from None
+    except ValidationError:
+        problems = train_config_problems(values)
+    lines = [f"{path or '(top level)'}: {msg}" for path, msg in problems]
+    raise TrainConfigError("invalid training config:\n  " + "\n  ".join(lines), problems)
 
 
 def _type_name(annotation) -> str:

@@ -68,7 +68,8 @@ def load_kohya_folder(root: str | Path, num_repeats: int | None = None) -> list[
     subdirs = kohya_folders(root)
     if not subdirs:
         raise DatasetError(
-            f"dataset folder {root} has no kohya subfolders; expected e.g. `{root}/10_mytrigger myclass/` holding images and .txt captions"
+            f"dataset folder {root} has no kohya subfolders; expected e.g. `{root}/10_mytrigger myclass/` "
+            "holding images and .txt captions"
         )
     examples: list[Example] = []
     for sub in subdirs:

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
@@ -26,11 +23,9 @@ from peft.utils import get_peft_model_state_dict
 
 from common.files import sha256_file
 from trainer.config import TrainConfig
-from trainer.dataset_layouts import Example
-from trainer.train_data import TrainData, load_train_data
-
-if TYPE_CHECKING:  # preparation imports this module for dataset_summary
-    from trainer.preparation import Prepared
+from trainer.model_loading import base_model_weights_file
+from trainer.preparation import Prepared
+from trainer.train_data import dataset_summary, load_train_data
 
 ADAPTER = "default"
 UNET_PREFIX = "lora_unet_"
@@ -114,40 +109,6 @@ def kohya_state_dict(
 # --------------------------------------------------------------------------- metadata
 
 
-def base_model_weights_file(base_model: str) -> Path | None:
-    """The file that identifies the base model: a single-file checkpoint itself, or a diffusers
-    folder's UNet weights. None for a hub id that is not in the local HF cache."""
-    from trainer.model_loading import resolve_base_model
-
-    kind, target = resolve_base_model(base_model)
-    if kind == "single_file":
-        return Path(target)
-    if kind == "folder":
-        path = Path(target) / "unet" / "diffusion_pytorch_model.safetensors"
-        return path if path.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    hit = try_to_load_from_cache(target, "unet/diffusion_pytorch_model.safetensors")
-    return Path(hit) if isinstance(hit, str) else None
-
-
-def dataset_summary(data: TrainData) -> dict:
-    """kohya's `ss_dataset_dirs` ({dir: {n_repeats, img_count}}) and `ss_tag_frequency` ({dir:
-    {tag: images carrying it}}) of the instance examples, as {"dirs": ..., "tag_frequency": ...}.
-    A kohya dataset has one dir per `<repeats>_<name>/` folder; other layouts one, the dataset's."""
-    groups: dict[str, list[Example]] = {}
-    for e in data.examples:
-        name = e.image_path.parent.name if data.kind == "kohya" else data.root.name
-        groups.setdefault(name, []).append(e)
-    dirs, tags = {}, {}
-    for name in sorted(groups):
-        captions = {e.image_path: e.caption for e in groups[name]}  # one per image, repeats collapsed
-        dirs[name] = {"n_repeats": len(groups[name]) // len(captions), "img_count": len(captions)}
-        counts = Counter(t.strip() for c in captions.values() for t in set(c.split(",")) if t.strip())
-        tags[name] = dict(sorted(counts.items()))
-    return {"dirs": dirs, "tag_frequency": tags}
-
-
 def _string(value) -> str:
     if isinstance(value, str):
         return value
@@ -164,7 +125,7 @@ def modelspec(cfg: TrainConfig, title: str) -> dict[str, str]:
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "modelspec.date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "modelspec.prediction_type": "v" if cfg.prediction_type == "v_prediction" else "epsilon",
     }
     if cfg.trigger_word:
@@ -232,7 +193,7 @@ def kohya_metadata(cfg: TrainConfig, prepared: Prepared | None = None, **extra) 
         "ss_sd_model_hash": full_hash[:10],  # A1111's short hash: first 10 hex digits of sha256
         "ss_new_sd_model_hash": full_hash,
         "ss_output_name": output_name,
-        "ss_training_finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "ss_training_finished_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         **modelspec(cfg, output_name),
     }
     for key, value in extra.items():

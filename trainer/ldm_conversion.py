@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",

@@ -149,6 +149,21 @@ def resolve_base_model(name: str) -> tuple[str, str]:
     return "hub", name
 
 
+def base_model_weights_file(base_model: str) -> Path | None:
+    """The file that identifies the base model: a single-file checkpoint itself, or a diffusers
+    folder's UNet weights. None for a hub id that is not in the local HF cache."""
+    kind, target = resolve_base_model(base_model)
+    if kind == "single_file":
+        return Path(target)
+    if kind == "folder":
+        path = Path(target) / "unet" / "diffusion_pytorch_model.safetensors"
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(target, "unet/diffusion_pytorch_model.safetensors")
+    return Path(hit) if isinstance(hit, str) else None
+
+
 def _looks_local(name: str) -> bool:
     # Hub ids are "owner/name": one slash, no leading "/", "." or "~", no file extension.
     return (

@@ -16,9 +16,8 @@ from common.files import sha256_file
 from trainer.cache import ensure_latent_cache, ensure_text_cache, module_fingerprint
 from trainer.class_images import ensure_class_images
 from trainer.config import TrainConfig, TrainConfigError
-from trainer.kohya_lora_format import base_model_weights_file, dataset_summary
-from trainer.model_loading import SDComponents, load_sd_components, resolve_base_model
-from trainer.train_data import TrainData, load_train_data
+from trainer.model_loading import SDComponents, base_model_weights_file, load_sd_components, resolve_base_model
+from trainer.train_data import TrainData, dataset_summary, load_train_data
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,9 @@ class Prepared:
     """What a training run needs that is resolved once, before training (picklable: a sweep ships it to every trial)."""
 
     base_model: str  # resolved: local absolute path, or hub id
-    base_model_sha256: str | None  # of the weights file that identifies the base model (kohya ss_sd_model_hash / ss_new_sd_model_hash); None when not a local file
+    # sha256 of the weights file that identifies the base model (kohya ss_sd_model_hash and
+    # ss_new_sd_model_hash); None when there is no local file (a hub id not in the HF cache)
+    base_model_sha256: str | None
     data: TrainData  # verified examples (repeats included), class examples, raw image sizes
     vae_fingerprint: str  # what module_fingerprint(vae) returns: latent cache keys are computed from it
     text_encoder_fingerprint: str  # ditto for text caches

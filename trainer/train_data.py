@@ -7,6 +7,7 @@ of data that the sweep's driver read and checked once.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,3 +112,20 @@ def load_train_data(cfg: TrainConfig, root: Path | None = None, verify: bool = T
     if not examples:
         raise DatasetError(f"dataset {root}: every image was skipped as unreadable")
     return TrainData(kind, root, examples, class_examples, infos, data_settings(cfg))
+
+
+def dataset_summary(data: TrainData) -> dict:
+    """kohya's `ss_dataset_dirs` ({dir: {n_repeats, img_count}}) and `ss_tag_frequency` ({dir:
+    {tag: images carrying it}}) of the instance examples, as {"dirs": ..., "tag_frequency": ...}.
+    A kohya dataset has one dir per `<repeats>_<name>/` folder; other layouts one, the dataset's."""
+    groups: dict[str, list[Example]] = {}
+    for e in data.examples:
+        name = e.image_path.parent.name if data.kind == "kohya" else data.root.name
+        groups.setdefault(name, []).append(e)
+    dirs, tags = {}, {}
+    for name in sorted(groups):
+        captions = {e.image_path: e.caption for e in groups[name]}  # one per image, repeats collapsed
+        dirs[name] = {"n_repeats": len(groups[name]) // len(captions), "img_count": len(captions)}
+        counts = Counter(t.strip() for c in captions.values() for t in set(c.split(",")) if t.strip())
+        tags[name] = dict(sorted(counts.items()))
+    return {"dirs": dirs, "tag_frequency": tags}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import threading
 import time
 
@@ -17,9 +16,17 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from evaluator import (HESSEL_SCALE, TINY_CLIP_ID, TINY_CLIP_NAME, ClipModel, clip_t,
-                       ensure_tiny_clip, mean_clip_t, score_images)
-from evaluator import tiny
+from evaluator import (
+    HESSEL_SCALE,
+    TINY_CLIP_ID,
+    TINY_CLIP_NAME,
+    ClipModel,
+    clip_t,
+    ensure_tiny_clip,
+    mean_clip_t,
+    score_images,
+    tiny,
+)
 from toyworld.world import all_classes, caption, render_shapes
 
 

@@ -13,12 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluator import (TINY_CLIP_ID, ClipModel, SuiteItem, evaluate_suite, expand_suite,
-                       load_suite, score_images, suite_metrics)
+from evaluator import TINY_CLIP_ID, ClipModel, SuiteItem, evaluate_suite, expand_suite, load_suite, score_images, suite_metrics
 from evaluator.__main__ import main
 from evaluator.batching import ImageBatcher
-from toyworld.world import render_shapes
 from evaluator.suites import clip_texts
+from toyworld.world import render_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SUITE = ROOT / "examples" / "suites" / "demo.yaml"

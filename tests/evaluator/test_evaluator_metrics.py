@@ -9,11 +9,25 @@ import pytest
 import torch
 import yaml
 
+from evaluator import (
+    DEFAULT_OBJECTIVE_WEIGHTS,
+    DEFAULT_SUITE,
+    ObjectiveWeights,
+    SuiteError,
+    SuiteItem,
+    clip_i,
+    clip_i_per_image,
+    clip_t,
+    composite_objective,
+    default_suite,
+    expand_suite,
+    load_suite,
+    parse_suite,
+    prior_preservation,
+    suite_metrics,
+    trigger_effect,
+)
 from evaluator.metrics import REPORTED_METRICS
-from evaluator import (DEFAULT_OBJECTIVE_WEIGHTS, DEFAULT_SUITE, ObjectiveWeights, SuiteError,
-                       SuiteItem, clip_i, clip_i_per_image, clip_t, composite_objective,
-                       default_suite, expand_suite, load_suite, parse_suite, prior_preservation,
-                       suite_metrics, trigger_effect)
 from evaluator.suites import clip_texts, drop_word
 
 ROOT = Path(__file__).resolve().parents[2]

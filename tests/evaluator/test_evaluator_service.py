@@ -10,12 +10,24 @@ import numpy as np
 import pytest
 import ray
 
-from evaluator import (TINY_CLIP_ID, ClipModel, evaluate_suite, expand_suite, load_suite,
-                       score_images)
-from evaluator.remote import (EvaluatorError, EvaluatorGone, EvaluatorTimeout, MissingReference,
-                               connect_evaluator, embed_remote, ensure_reference, evaluator_stats,
-                               has_reference, put_reference, reference_key, score_remote,
-                               score_suite_remote, start_evaluator, stop_evaluator)
+from evaluator import TINY_CLIP_ID, ClipModel, evaluate_suite, expand_suite, load_suite, score_images
+from evaluator.remote import (
+    EvaluatorError,
+    EvaluatorGone,
+    EvaluatorTimeout,
+    MissingReference,
+    connect_evaluator,
+    embed_remote,
+    ensure_reference,
+    evaluator_stats,
+    has_reference,
+    put_reference,
+    reference_key,
+    score_remote,
+    score_suite_remote,
+    start_evaluator,
+    stop_evaluator,
+)
 from toyworld.world import render_shapes
 
 NAME = "test-evaluator"

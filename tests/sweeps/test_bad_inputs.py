@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 from PIL import Image
 
+from sweeps import tuner
 from sweeps.run import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +46,8 @@ DEMO_TEXT = DEMO.read_text()
 CASES = [
     ("inverted range", None, ["space.learning_rate={type: loguniform, low: 1e-2, high: 1e-4}"], None,
      ["space.learning_rate.low: must be < high"]),
-    ("zero batch size", None, ["train.train_batch_size=0"], None, ["train.train_batch_size: Input should be greater than or equal to 1"]),
+    ("zero batch size", None, ["train.train_batch_size=0"], None,
+     ["train.train_batch_size: Input should be greater than or equal to 1"]),
     ("negative eval interval", None, ["eval.interval=-5"], None, ["eval.interval", "greater than or equal to 1"]),
     ("unknown lr scheduler", None, ["space.lr_scheduler={type: choice, values: [constant, warmup_bogus]}"], None,
      ["space.lr_scheduler: value 'warmup_bogus' is invalid"]),
@@ -76,11 +79,21 @@ CASES = [
     ("missing dataset", None, ["dataset=/nonexistent/data"], None, ["dataset:", "/nonexistent/data", "does not exist"]),
     ("set without a value", None, ["search.num_trials"], None, ["--set", "expected key=value"]),
     ("field in train and space", None, ["train.rank=4"], None, ["train.rank: also searched (space.rank)"]),
+    ("too many CPUs", None, ["resources.cpus_per_trial=4096"], None,
+     ["resources.cpus_per_trial: 4096 CPUs per trial, but this machine has"]),
+    ("invalid choice value", None, ["space.rank={type: choice, values: [0, 4]}"], None, ["space.rank: value 0 is invalid"]),
 ]
 
 
 @pytest.mark.parametrize("name, text, sets, dataset, words", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_with_the_culprit_named(tmp_path, capsys, name, text, sets, dataset, words):
+def test_bad_input_is_refused_with_the_culprit_named(tmp_path, capsys, monkeypatch, name, text, sets, dataset, words):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad input reached Ray")
+
+    # The session's Ray may be running already (ensure_ray would then return early): what counts
+    # is that main() tries to start or join none.
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(tuner, "ensure_ray", refuse)
     spec = _spec_file(tmp_path, text) if text is not None else DEMO
     sets = [f"storage={tmp_path / 'runs'}", *sets] if not any(s.startswith("storage=") for s in sets) else sets
     if dataset is not None:

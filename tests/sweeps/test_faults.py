@@ -122,13 +122,14 @@ def _node_of(cluster, pid: int):
 
 @pytest.mark.slow
 def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_path, ray_cluster):
-    from sweeps.prepare import prepare_sweep
     from sweeps.results import load_records
+    from sweeps.trial_plan import build_plan
     from sweeps.tuner import run_sweep
 
-    spec = prepare_sweep(load_spec(DEMO, [
+    spec = load_spec(DEMO, [
         f"storage={tmp_path}", "search.num_trials=1", "search.max_concurrent=1", "train.max_train_steps=40",
-        "eval.interval=4", "eval.seeds=[0]", "failure.max_failures=2"]))
+        "eval.interval=4", "eval.seeds=[0]", "failure.max_failures=2"])
+    plan = build_plan(spec)
     cluster = ray_cluster({"num_cpus": 0}, {"num_cpus": 1, "resources": {"node_a": 1}},
                           {"num_cpus": 1, "resources": {"node_b": 1}})
     killed = {}
@@ -147,7 +148,7 @@ def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_p
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    run_sweep(spec)
+    run_sweep(spec, plan)
     killer.join(timeout=5)
     records = load_records(spec)
     assert killed, "the trial finished before its node could be killed"

@@ -20,8 +20,8 @@ import optuna
 import pytest
 import ray
 import yaml
-from ray import tune
 from optuna.trial import TrialState
+from ray import tune
 
 from sweeps.pruning import AshaPruningScheduler, OptunaPrunerScheduler, make_pruner, make_scheduler
 from sweeps.search import RAY_TRIAL_ATTR, load_pruned, load_study, make_search_alg

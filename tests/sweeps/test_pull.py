@@ -26,7 +26,8 @@ def _record(tmp: Path, trial_id: str, lr: float, rank: int, score: float) -> Tri
     ckpt.mkdir(parents=True)
     params = {"learning_rate": lr, "rank": rank}
     metrics = {"step": 10, "clip_score": score}
-    save_file({"lora_unet_x.lora_down.weight": torch.full((rank, 4), lr)}, str(ckpt / LORA_KOHYA), metadata={"ss_network_dim": str(rank)})
+    save_file({"lora_unet_x.lora_down.weight": torch.full((rank, 4), lr)}, str(ckpt / LORA_KOHYA),
+              metadata={"ss_network_dim": str(rank)})
     save_file({"unet.x.lora_A.weight": torch.full((rank, 4), lr)}, str(ckpt / LORA_DIFFUSERS))
     save_grid(torch.zeros(1, 8, 8, 3, dtype=torch.uint8).numpy(), ckpt / SAMPLES_FILE)
     (ckpt / TRIAL_INFO).write_text(json.dumps({"params": params, "metrics": metrics}))

@@ -49,7 +49,8 @@ def _searcher(spec, study_dir) -> SweepOptunaSearch:
 
 def _finish(searcher, trial_id, value, steps=(10, 20)):
     for i, step in enumerate(steps):
-        searcher.on_trial_result(trial_id, {"clip_score": value * (i + 1) / len(steps), "step": step, "training_iteration": i + 1})
+        result = {"clip_score": value * (i + 1) / len(steps), "step": step, "training_iteration": i + 1}
+        searcher.on_trial_result(trial_id, result)
     searcher.on_trial_complete(trial_id, {"clip_score": value, "step": steps[-1]})
 
 

@@ -127,10 +127,12 @@ def test_search_section_checks():
     assert "search.sampler: nsga2 is for multi-objective search" in _problems(search={"sampler": "nsga2"})
     grid = _problems(search={"sampler": "grid", "num_trials": 4})
     assert "space.learning_rate: the grid sampler needs choice or int fields" in grid
-    space = {"rank": {"type": "choice", "values": [2, 4]}, "learning_rate": {"type": "uniform", "low": 0.001, "high": 0.003, "step": 0.001}}
+    space = {"rank": {"type": "choice", "values": [2, 4]},
+             "learning_rate": {"type": "uniform", "low": 0.001, "high": 0.003, "step": 0.001}}
     spec = parse_spec(_base(space=space, search={"sampler": "grid", "num_trials": 6}))
     assert spec.searched()["learning_rate"].grid_values() == [0.001, 0.002, 0.003]
-    assert "search.num_trials: 7 exceeds the grid's 6 configurations" in _problems(space=space, search={"sampler": "grid", "num_trials": 7})
+    grid = {"sampler": "grid", "num_trials": 7}
+    assert "search.num_trials: 7 exceeds the grid's 6 configurations" in _problems(space=space, search=grid)
     text = _problems(search={"num_trials": 4, "initial_configs": [
         {"learning_rate": 5e-2, "rank": 4}, {"rank": 3}, {"clip_skip": 2}]})
     for expected in ("search.initial_configs[0].learning_rate: 0.05 is outside space.learning_rate",
@@ -143,7 +145,8 @@ def test_objective_metrics_and_multi_objective():
     # Named after what the evaluator really reports, so a metric nothing reports is refused.
     assert "objective.metric: unknown metric 'clip_score_concept'" in _problems(objective={"metric": "clip_score_concept"})
     assert parse_spec(_base(objective={"metric": "clip_score_trigger_on"})).primary.metric == "clip_score_trigger_on"
-    assert "objective.metric: unknown metric 'clipscore'; trials report clip_score" in _problems(objective={"metric": "clipscore"})
+    text = _problems(objective={"metric": "clipscore"})
+    assert "objective.metric: unknown metric 'clipscore'; trials report clip_score" in text
     two = [{"metric": "clip_score", "mode": "max"}, {"metric": "prior_preservation", "mode": "max"}]
     spec = parse_spec(_base(objective=two, search={"sampler": "nsga2", "num_trials": 8}, pruner={"type": "none"}))
     assert [o.metric for o in spec.objectives] == ["clip_score", "prior_preservation"]
@@ -243,4 +246,11 @@ def test_section_errors_and_cross_checks_reported_together():
                      "space.rank.when.lr_scheduler: lr_scheduler is fixed to 'constant'",
                      "resources.gpus_per_trial: 2.5 is fractional above 1",
                      "pruner.options.n_startup: unknown option of optuna.pruners.MedianPruner"):
+        assert expected in text, text
+
+
+def test_field_errors_do_not_hide_combination_problems():
+    text = _problems(train={**_base()["train"], "train_batch_size": 0, "resolution": 65, "center_crop": False})
+    for expected in ("train.train_batch_size: Input should be greater than or equal to 1",
+                     "train.resolution: 65 is not a multiple of 8", "train.cache_latents: random crops"):
         assert expected in text, text

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from sweeps.spec import SpecError, parse_spec
-from sweeps.stored_spec import SPEC_FILE, check_against_stored, spec_record, store, stored_spec
+from sweeps.stored_spec import SPEC_FILE, check_against_stored, store, stored_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

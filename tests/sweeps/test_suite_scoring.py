@@ -1,5 +1,6 @@
 """A sweep scored on a prompt suite: every metric, references made once, local == shared service."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import yaml
 
 from sweeps.spec import parse_spec
 from sweeps.suite_scoring import make_suite_scorer, training_images
+from sweeps.trial_plan import build_plan
 from trainer.loop import LoraTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,14 +24,16 @@ def suite_setup(tiny_sd_dir, demo_dataset):
     data["eval"] = {"interval": 2, "suite": str(ROOT / "examples" / "suites" / "demo.yaml"), "class_word": "circle"}
     data["train"]["max_train_steps"] = 2
     spec = parse_spec(data, "test")
-    trainer = LoraTrainer(spec.train_config({"learning_rate": 1e-2, "rank": 4}))
-    return spec, trainer
+    plan = build_plan(spec)
+    trainer = LoraTrainer(plan.train_config({"learning_rate": 1e-2, "rank": 4, "lr_scheduler": "constant"}),
+                          prepared=plan.prepared)
+    return spec, plan, trainer
 
 
 def test_untrained_lora_scores_every_metric_and_keeps_the_prior(suite_setup):
-    spec, trainer = suite_setup
-    scorer = make_suite_scorer(spec, None, trainer)
-    prompts, seeds = spec.eval_prompts()
+    spec, plan, trainer = suite_setup
+    scorer = make_suite_scorer(plan, trainer)
+    prompts, seeds = plan.prompts, plan.seeds
     scores = scorer(trainer.sample(prompts, seeds), prompts)
     for key in ("clip_score", "clip_i", "prior_preservation", "trigger_effect", "objective",
                 "clip_score_natural", "clip_score_new_setting", "clip_score_no_concept"):
@@ -39,7 +43,7 @@ def test_untrained_lora_scores_every_metric_and_keeps_the_prior(suite_setup):
 
 
 def test_training_images_are_the_dataset_images(suite_setup):
-    _, trainer = suite_setup
+    _, _, trainer = suite_setup
     images = training_images(trainer)
     # The 18 pictures of the concept, not the known-colour ones kept beside them.
     assert images.dtype.name == "uint8" and images.shape == (18, 64, 64, 3)
@@ -49,25 +53,24 @@ def test_training_images_are_the_dataset_images(suite_setup):
 
 
 def test_plain_prompt_specs_use_no_suite(suite_setup, tiny_sd_dir, demo_dataset):
-    _, trainer = suite_setup
-    data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
-    data["eval"] = {"interval": 10, "prompts": ["a {trigger} circle"], "seeds": [0]}
-    assert make_suite_scorer(parse_spec(data, "demo"), None, trainer) is None
+    _, plan, trainer = suite_setup
+    assert make_suite_scorer(replace(plan, suite_items=None), trainer) is None
 
 
 @pytest.mark.slow
 def test_shared_service_gives_the_local_scores(suite_setup, ray_local):
     from evaluator.remote import evaluator_stats, start_evaluator, stop_evaluator
 
-    spec, trainer = suite_setup
-    prompts, seeds = spec.eval_prompts()
+    spec, plan, trainer = suite_setup
+    prompts, seeds = plan.prompts, plan.seeds
     images = trainer.sample(prompts, seeds)
-    local = make_suite_scorer(spec, None, trainer)(images, prompts)
+    local = make_suite_scorer(plan, trainer)(images, prompts)
     handle = start_evaluator(name="suite-test", model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
                              replicas=1, num_cpus=0, detached=False)
     try:
-        remote = make_suite_scorer(spec, "suite-test", trainer)(images, prompts)
-        make_suite_scorer(spec, "suite-test", trainer)  # a second trial: references already cached
+        shared = replace(plan, evaluator_actor="suite-test")
+        remote = make_suite_scorer(shared, trainer)(images, prompts)
+        make_suite_scorer(shared, trainer)  # a second trial: references already cached
         stats = evaluator_stats(handle)
     finally:
         stop_evaluator(name="suite-test")

@@ -41,7 +41,8 @@ def stub_loss(config: dict) -> float:
 def write_checkpoint(folder: Path, config: dict, metrics: dict) -> None:
     """The files sweeps.trainable puts into every checkpoint, with tiny real tensors."""
     down = torch.full((config["rank"], 4), config["learning_rate"])
-    save_file({"lora_unet_down_blocks_0_attn.lora_down.weight": down}, str(folder / LORA_KOHYA), metadata={"ss_network_dim": str(config["rank"])})
+    save_file({"lora_unet_down_blocks_0_attn.lora_down.weight": down}, str(folder / LORA_KOHYA),
+              metadata={"ss_network_dim": str(config["rank"])})
     save_file({"unet.down_blocks.0.attn.lora_A.weight": down}, str(folder / LORA_DIFFUSERS))
     save_grid(torch.zeros(2, 8, 8, 3, dtype=torch.uint8).numpy(), folder / SAMPLES_FILE)
     (folder / TRIAL_INFO).write_text(json.dumps({"params": config, "metrics": metrics, "prompts": ["p"], "seeds": [0]}))
@@ -68,7 +69,7 @@ def demo_spec(tmp_path, *overrides):
 def finished_sweep(ray_local, tmp_path_factory):
     spec = demo_spec(tmp_path_factory.mktemp("sweep"), "export.top_k=2",
                      "search.initial_configs=[{learning_rate: 0.001, rank: 8}]")
-    run_sweep(spec, trainable=stub_trial)
+    run_sweep(spec, None, trainable=stub_trial)
     return spec
 
 
@@ -149,10 +150,11 @@ def test_status_of_a_sweep_that_never_ran_is_a_clear_error(tmp_path, capsys):
 
 def test_multi_objective_sweep_exports_its_pareto_front(ray_local, tmp_path):
     spec = demo_spec(
-        tmp_path, "objective=[{metric: clip_score, mode: max}, {metric: loss, mode: min}]", "search.sampler=nsga2", "pruner.type=none",
+        tmp_path, "objective=[{metric: clip_score, mode: max}, {metric: loss, mode: min}]", "search.sampler=nsga2",
+        "pruner.type=none",
         "search.num_trials=5", "space.rank={type: choice, values: [2, 4]}",
     )
-    run_sweep(spec, trainable=stub_trial)
+    run_sweep(spec, None, trainable=stub_trial)
     records = load_records(spec)
     points = {r.row.trial_id: (r.row.values["clip_score"], r.row.values["loss"]) for r in records}
     assert len(points) == 5
@@ -176,3 +178,7 @@ def test_dry_run_and_resume_of_nothing_start_nothing(tmp_path, capsys):
     assert run_cli.main([*args, "--resume"]) == 2
     assert "no sweep demo" in capsys.readouterr().err
     assert not (tmp_path / "demo" / "tune").exists()
+    # A dataset that is not on this machine (it may be on the cluster's) is a warning naming it.
+    assert run_cli.main([*args, "--set", "dataset=/mnt/cluster/data", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: dataset: dataset folder /mnt/cluster/data does not exist" in out

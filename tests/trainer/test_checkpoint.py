@@ -150,7 +150,8 @@ def test_resave_replaces_atomically_and_keeps_other_files(halfway, tmp_path):
 
 def test_state_encoding_round_trips_types():
     state = {
-        "opt": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 2)}}, "param_groups": [{"params": [0], "betas": (0.9, 0.999)}]},
+        "opt": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 2)}},
+                "param_groups": [{"params": [0], "betas": (0.9, 0.999)}]},
         "np": {"bit_generator": "PCG64", "state": {"state": 2**127 + 5, "inc": 7}},
         "arr": np.arange(4, dtype=np.int64),
         "nan": float("inf"),

@@ -243,8 +243,7 @@ def test_fused_checkpoint_equals_lora_loaded(kohya_full, tmp_path, tiny_sd_dir, 
 def test_dataset_summary_for_imagefolder_and_dreambooth(tmp_path):
     from PIL import Image
 
-    from trainer.kohya_lora_format import dataset_summary
-    from trainer.train_data import load_train_data
+    from trainer.train_data import dataset_summary, load_train_data
 
     imf = tmp_path / "imf"
     imf.mkdir()
@@ -266,8 +265,7 @@ def test_dataset_summary_for_imagefolder_and_dreambooth(tmp_path):
 
 
 def test_kohya_dataset_summary_has_one_dir_per_folder(demo_dataset):
-    from trainer.kohya_lora_format import dataset_summary
-    from trainer.train_data import load_train_data
+    from trainer.train_data import dataset_summary, load_train_data
 
     summary = dataset_summary(load_train_data(TrainConfig(base_model="x", dataset=str(demo_dataset)), verify=False))
     concept = {k: v for k, v in summary["dirs"].items() if k.startswith("5_")}

@@ -14,8 +14,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 
-from trainer.model_loading import BaseModelError, BaseModelNotFoundError, load_sd_components
 from trainer import tiny
+from trainer.model_loading import BaseModelError, BaseModelNotFoundError, load_sd_components
 from trainer.tiny import (
     TINY_SD_FILE_ID,
     TINY_SD_ID,

@@ -11,6 +11,7 @@ from PIL import Image
 from trainer.config import TrainConfigError, build_train_config
 from trainer.loop import LoraTrainer
 
+
 def _cfg(tiny_sd_dir, dataset, tmp_path, **over):
     values = dict(
         base_model=str(tiny_sd_dir), dataset=str(dataset), resolution=64, train_batch_size=2,
