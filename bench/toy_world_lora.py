@@ -24,7 +24,7 @@ from trainer.loop import LoraTrainer
 
 
 def run(values: dict, eval_every: int, seeds: tuple[int, ...]) -> list[dict]:
-    trainer = LoraTrainer(build_train_config(values))
+    trainer = LoraTrainer.build(build_train_config(values))
     prompts, seeds = judge_prompts(seeds)
     out, start, history = [], time.perf_counter(), []
     while True:  # step 0 first: the base model, as a fresh LoRA leaves it unchanged

@@ -87,8 +87,8 @@ def _trainer(args, mode: str, cache_dir: str):
     divisor = {"tiny": None, "sd15-quarter": 4, "sd15-half": 2}[args.model]
     comps = sd15_shaped_components(divisor) if divisor else None
     if mode == "cached":  # once per sweep, before trials: not part of a step
-        return LoraTrainer(cfg, components=comps, prepared=prepare(cfg, components=comps, device="cpu"))
-    return LoraTrainer(cfg, components=comps)
+        return LoraTrainer.build(cfg, components=comps, prepared=prepare(cfg, components=comps, device="cpu"))
+    return LoraTrainer.build(cfg, components=comps)
 
 
 def run_child(args) -> dict:

@@ -48,7 +48,7 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
     if storage.exists(failure_record):
         raise TrialFailed(json.loads(storage.read_text(failure_record))["reason"])
     try:
-        trainer = LoraTrainer(plan.train_config(params), prepared=plan.prepared)
+        trainer = LoraTrainer.build(plan.train_config(params), prepared=plan.prepared)
     except TrainConfigError as err:
         _fail(failure_record, f"invalid config: {err}", params)
     resumed_from = _restore(trainer)

@@ -116,7 +116,7 @@ def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = Fa
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     models = load_sd_components(cfg.base_model)
     prepared = prepare(cfg, components=models)
-    trainer = LoraTrainer(cfg, components=models, prepared=prepared)
+    trainer = LoraTrainer.build(cfg, components=models, prepared=prepared)
     ckpt_root = out / CHECKPOINTS
     if resume and (last := latest_checkpoint(ckpt_root)) is not None:
         load_checkpoint(trainer, last)

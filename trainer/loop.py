@@ -44,9 +44,12 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 class LoraTrainer:
     """One LoRA run on an SD 1.x UNet (and optionally its text encoder). `step()` is one optimizer step.
 
-    Constructing it runs two phases: `prepare` (skipped when a `Prepared` is given: then the
-    dataset is neither read nor verified and no module is fingerprinted) and `setup`. `self.cfg`
-    is the config passed in; `self.max_train_steps` is the run's length.
+    Phases: the constructor is cheap (it checks the config against the device); `setup()`
+    loads the base model, runs `prepare` (skipped when a `Prepared` is given: then the dataset is
+    neither read nor verified and no module is fingerprinted) and builds caches, LoRA layers,
+    samplers and optimizer; then `step`/`train`, `sample`/`evaluate`, and `state_dict` /
+    `load_state_dict` (trainer.checkpoint) to save and restore. `LoraTrainer.build(...)` is
+    construct + setup. `self.cfg` is the config passed in; `self.max_train_steps` is the run's length.
     """
 
     def __init__(self, cfg: TrainConfig, components: SDComponents | None = None, device: str | None = None,
@@ -54,19 +57,30 @@ class LoraTrainer:
         self.cfg = cfg
         self.device = default_device(device)
         _check_device(cfg, self.device)
-        self.models = components or load_sd_components(cfg.base_model)
-        if prepared is None:
-            prepared = prepare(cfg, components=self.models, device=str(self.device))
-        else:
+        if prepared is not None:
             _check_prepared(cfg, prepared)
-            place_base_models(self.models, cfg, self.device)
+        self.models = components
         self.prepared = prepared
-        self.setup()
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, components: SDComponents | None = None, device: str | None = None,
+              prepared: Prepared | None = None) -> LoraTrainer:
+        """A trainer set up and ready to step."""
+        trainer = cls(cfg, components, device, prepared)
+        trainer.setup()
+        return trainer
 
     # --- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
-        """Caches, LoRA layers, data order, RNGs, optimizer, schedule and loss scaler."""
+        """The base model, the prepare phase when no Prepared was given, then caches, LoRA layers,
+        data order, RNGs, optimizer, schedule and loss scaler."""
         cfg = self.cfg
+        if self.models is None:
+            self.models = load_sd_components(cfg.base_model)
+        if self.prepared is None:
+            self.prepared = prepare(cfg, components=self.models, device=str(self.device))
+        else:
+            place_base_models(self.models, cfg, self.device)
         self.data = self.prepared.data
         self.target_sizes = self.data.target_sizes(cfg)
         self.latent_cache, self.text_cache = self._setup_caches()

@@ -69,13 +69,13 @@ def test_trainer_state_roundtrip_is_exact_and_pickle_free(tiny_sd_dir, demo_data
 
     cfg = build_train_config({"base_model": str(tiny_sd_dir), "dataset": str(demo_dataset), "resolution": 32,
                               "max_train_steps": 4, "train_batch_size": 2, "rank": 2, "learning_rate": 1e-3})
-    straight = LoraTrainer(cfg)
+    straight = LoraTrainer.build(cfg)
     straight.train(4)
-    first = LoraTrainer(cfg)
+    first = LoraTrainer.build(cfg)
     first.train(2)
     save_checkpoint(first, tmp_path / "state")
     assert {p.suffix for p in (tmp_path / "state").rglob("*") if p.is_file()} <= {".safetensors", ".json"}
-    resumed = LoraTrainer(cfg)
+    resumed = LoraTrainer.build(cfg)
     load_checkpoint(resumed, tmp_path / "state")
     assert resumed.global_step == 2
     resumed.train(2)

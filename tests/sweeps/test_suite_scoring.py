@@ -25,7 +25,7 @@ def suite_setup(tiny_sd_dir, demo_dataset):
     data["train"]["max_train_steps"] = 2
     spec = parse_spec(data, "test")
     plan = build_plan(spec)
-    trainer = LoraTrainer(plan.train_config({"learning_rate": 1e-2, "rank": 4, "lr_scheduler": "constant"}),
+    trainer = LoraTrainer.build(plan.train_config({"learning_rate": 1e-2, "rank": 4, "lr_scheduler": "constant"}),
                           prepared=plan.prepared)
     return spec, plan, trainer
 

@@ -22,7 +22,7 @@ def _judge(**values) -> tuple[dict, dict]:
     cfg = build_train_config(dict(base_model="builtin:tiny-sd", dataset="builtin:demo", trigger_word=TRIGGER,
                                   resolution=64, train_batch_size=8, lr_scheduler="constant",
                                   sampling={"steps": 12, "guidance_scale": 5.0}, **values))
-    trainer = LoraTrainer(cfg)
+    trainer = LoraTrainer.build(cfg)
     prompts, seeds = judge_prompts()  # seeds no sweep evaluates on
     before = oracle_metrics(trainer.sample(prompts, seeds), prompts, TRIGGER)
     trainer.train()

@@ -49,9 +49,9 @@ def _small_dataset(root, n=3):
 def test_loss_with_and_without_cache_agree(tiny_sd_dir, tmp_path):
     data = _small_dataset(tmp_path / "data")
     knobs = dict(random_flip=True, caption_dropout_rate=0.3, clip_skip=2)
-    cached = LoraTrainer(_cfg(tiny_sd_dir, data, tmp_path / "c", **knobs), device="cpu")
+    cached = LoraTrainer.build(_cfg(tiny_sd_dir, data, tmp_path / "c", **knobs), device="cpu")
     assert cached.latent_cache is not None and cached.text_cache is not None
-    plain = LoraTrainer(_cfg(tiny_sd_dir, data, tmp_path / "c", cache_latents=False, cache_text_embeddings=False, **knobs),
+    plain = LoraTrainer.build(_cfg(tiny_sd_dir, data, tmp_path / "c", cache_latents=False, cache_text_embeddings=False, **knobs),
                         device="cpu")
     assert plain.latent_cache is None and plain.text_cache is None
     a, b = cached.train(), plain.train()
@@ -131,5 +131,5 @@ def test_two_processes_build_one_valid_cache(tiny_sd_dir, tmp_path):
     assert not list((tmp_path / "c").glob("*/*.tmp")), "no temporary files left behind"
     assert len(load_file(str(latents[0]))) == 3 * 2 * 2  # images x flips x (mean, std)
     # The trainer then finds it instead of building its own.
-    t = LoraTrainer(build_train_config(values), device="cpu")
+    t = LoraTrainer.build(build_train_config(values), device="cpu")
     assert t.latent_cache.folder == latents[0].parent and t.text_cache.folder == texts[0].parent

@@ -38,7 +38,7 @@ def _cfg(tiny_sd_dir, demo_dataset):
 @pytest.fixture(scope="module")
 def straight(tiny_sd_dir, demo_dataset):
     torch.set_num_threads(2)
-    trainer = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset), device="cpu")
+    trainer = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset), device="cpu")
     history = trainer.train(2 * N)
     return history, trainer.lora_state_dict(), trainer.text_encoder_lora_state_dict()
 
@@ -46,7 +46,7 @@ def straight(tiny_sd_dir, demo_dataset):
 @pytest.fixture(scope="module")
 def halfway(tiny_sd_dir, demo_dataset, tmp_path_factory):
     torch.set_num_threads(2)
-    trainer = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset), device="cpu")
+    trainer = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset), device="cpu")
     first = trainer.train(N)
     folder = save_checkpoint(trainer, tmp_path_factory.mktemp("ckpt") / f"step-{N}")
     return first, folder
@@ -58,7 +58,7 @@ def test_resume_reproduces_the_uninterrupted_run(straight, halfway, tiny_sd_dir,
     # Disturb every global RNG that the restore must put back.
     torch.manual_seed(12345)
     np.random.seed(54321)
-    resumed = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset), device="cpu")
+    resumed = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset), device="cpu")
     load_checkpoint(resumed, folder)
     assert resumed.global_step == N
     second = resumed.train(N)
@@ -125,7 +125,7 @@ def test_missing_or_unreadable_checkpoint_errors_name_the_folder(halfway, tmp_pa
 def test_checkpoint_of_another_config_is_rejected(halfway, tiny_sd_dir, demo_dataset):
     _, folder = halfway
     cfg = _cfg(tiny_sd_dir, demo_dataset).model_copy(update={"rank": 8})
-    other = LoraTrainer(cfg, device="cpu")
+    other = LoraTrainer.build(cfg, device="cpu")
     with pytest.raises(CheckpointError, match=f"{folder} does not fit this trainer"):
         load_checkpoint(other, folder)
 

@@ -65,7 +65,7 @@ def _add_text_encoder_lora(trainer):
 def trained(tiny_sd_dir, demo_dataset):
     torch.set_num_threads(2)
     extra = {"train_text_encoder": True} if "train_text_encoder" in TrainConfig.model_fields else {}
-    trainer = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, **extra), device="cpu")
+    trainer = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, **extra), device="cpu")
     trainer.train()
     te = _add_text_encoder_lora(trainer)
     return trainer, te
@@ -195,7 +195,7 @@ def test_export_scale_halves_the_lora(trained, kohya_full, tmp_path, tiny_sd_dir
 @pytest.mark.slow
 def test_conv_targets_export_4d_and_load(tiny_sd_dir, demo_dataset, tmp_path):
     torch.set_num_threads(2)
-    trainer = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, target_modules="all", max_train_steps=2), device="cpu")
+    trainer = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, target_modules="all", max_train_steps=2), device="cpu")
     trainer.train()
     path = save_lora_kohya(trainer.models.unet, tmp_path / "conv.safetensors",
                            metadata=kohya_metadata(trainer.cfg))

@@ -53,8 +53,8 @@ def test_prepared_round_trips_through_pickle(prepared_run, tiny_sd_dir):
 
 def test_same_losses_with_and_without_prepared(prepared_run):
     cfg, prepared = prepared_run
-    given = LoraTrainer(cfg, device="cpu", prepared=prepared)
-    own = LoraTrainer(cfg, device="cpu")
+    given = LoraTrainer.build(cfg, device="cpu", prepared=prepared)
+    own = LoraTrainer.build(cfg, device="cpu")
     assert given.latent_cache.folder == own.latent_cache.folder, "the cache prepare built is found"
     assert given.text_cache.folder == own.text_cache.folder
     assert [h["loss"] for h in given.train()] == [h["loss"] for h in own.train()]
@@ -65,21 +65,21 @@ def test_trainer_from_prepared_never_reads_the_dataset(tiny_sd_dir, tmp_path):
     prepared = prepare(cfg, device="cpu")
     # Cache keys come from the prepared fingerprints, not from fingerprinting the modules again.
     other = dataclasses.replace(prepared, vae_fingerprint="0" * 64, text_encoder_fingerprint="1" * 64)
-    rekeyed = LoraTrainer(cfg, device="cpu", prepared=other)
-    own = LoraTrainer(cfg, device="cpu", prepared=prepared)
+    rekeyed = LoraTrainer.build(cfg, device="cpu", prepared=other)
+    own = LoraTrainer.build(cfg, device="cpu", prepared=prepared)
     assert rekeyed.latent_cache.folder != own.latent_cache.folder
     assert rekeyed.text_cache.folder != own.text_cache.folder
     shutil.rmtree(tmp_path / "data")
-    trainer = LoraTrainer(cfg, device="cpu", prepared=prepared)
+    trainer = LoraTrainer.build(cfg, device="cpu", prepared=prepared)
     assert np.isfinite(trainer.step()["loss"])
     with pytest.raises(DatasetError, match="does not exist"):
-        LoraTrainer(cfg, device="cpu")  # without the Prepared the dataset is needed
+        LoraTrainer.build(cfg, device="cpu")  # without the Prepared the dataset is needed
 
 
 def test_prepared_for_other_data_settings_is_refused(prepared_run):
     cfg, prepared = prepared_run
     with pytest.raises(TrainConfigError, match="num_repeats: None there, 1 here"):
-        LoraTrainer(cfg.model_copy(update={"num_repeats": 1}), device="cpu", prepared=prepared)
+        LoraTrainer.build(cfg.model_copy(update={"num_repeats": 1}), device="cpu", prepared=prepared)
 
 
 def test_kohya_metadata_from_prepared_equals_metadata_from_scratch(prepared_run):

@@ -21,7 +21,7 @@ def _cfg(tiny_sd_dir, demo_dataset, **over):
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd_dir, demo_dataset):
-    trainer = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset))
+    trainer = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset))
     before = trainer.lora_state_dict()
     seen = []
     history = trainer.train(callback=seen.append)
@@ -65,7 +65,7 @@ def test_exported_lora_loads_in_diffusers_and_changes_output(trained, tiny_sd_di
 
 
 def test_nan_loss_stops_with_reason(tiny_sd_dir, demo_dataset):
-    trainer = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, max_train_steps=2, learning_rate=1e-3))
+    trainer = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, max_train_steps=2, learning_rate=1e-3))
     with torch.no_grad():
         for name, p in trainer.models.unet.named_parameters():
             if "lora_A" in name:
@@ -90,3 +90,13 @@ def test_evaluate_renders_validation_prompts_at_their_seeds(trained):
     alone = trainer.sample(["a blue square"], [7])[0]
     # Batched vs alone differs by float rounding only (at most one uint8 level).
     assert np.abs(images[1].astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_the_constructor_is_cheap_and_setup_does_the_work():
+    from trainer.model_loading import BaseModelNotFoundError
+
+    cfg = build_train_config({"base_model": "/nonexistent/model", "dataset": "/nonexistent/data"})
+    trainer = LoraTrainer(cfg, device="cpu")  # nothing is loaded or read yet
+    assert trainer.models is None and trainer.prepared is None and trainer.cfg is cfg
+    with pytest.raises(BaseModelNotFoundError):
+        trainer.setup()

@@ -34,7 +34,7 @@ def test_config_combinations_name_fields(tiny_sd_dir, demo_dataset, tmp_path):
                    "cache_latents: random crops", "min_bucket_reso: 96 exceeds resolution"):
         assert needle in text, text
     with pytest.raises(TrainConfigError, match="mixed_precision: fp16 needs a CUDA device"):
-        LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, mixed_precision="fp16"), device="cpu")
+        LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, tmp_path, mixed_precision="fp16"), device="cpu")
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def test_prior_preservation_text_encoder_and_exact_resume(tiny_sd_dir, tmp_path)
                with_prior_preservation=True, class_prompt="a photo of a dog", class_data_dir=str(tmp_path / "class"),
                num_class_images=2, train_text_encoder=True, text_encoder_lr=5e-4, caption_dropout_rate=0.5,
                random_flip=True, sampling={"steps": 2})
-    a = LoraTrainer(cfg, device="cpu")
+    a = LoraTrainer.build(cfg, device="cpu")
     made = sorted(p.name for p in (tmp_path / "class").glob("*.png"))
     assert made == ["class_00000.png", "class_00001.png"], "missing class images are generated and kept"
     stamp = (tmp_path / "class" / made[0]).stat().st_mtime_ns
@@ -72,12 +72,12 @@ def test_prior_preservation_text_encoder_and_exact_resume(tiny_sd_dir, tmp_path)
     te_after = a.text_encoder_lora_state_dict()
     assert any(not torch.equal(te_before[k], te_after[k]) for k in te_after if "lora_B" in k), "text-encoder LoRA trains"
 
-    b = LoraTrainer(cfg, device="cpu")
+    b = LoraTrainer.build(cfg, device="cpu")
     assert (tmp_path / "class" / made[0]).stat().st_mtime_ns == stamp, "class images are reused, not regenerated"
     first = b.train(2)
     state = copy.deepcopy(b.state_dict())
     b.train(1)  # move on, then restore into a fresh trainer
-    c = LoraTrainer(cfg, device="cpu")
+    c = LoraTrainer.build(cfg, device="cpu")
     c.load_state_dict(state)
     second = c.train(2)
     assert [h["loss"] for h in first + second] == [h["loss"] for h in full]
@@ -89,7 +89,7 @@ def test_epochs_decide_length(tiny_sd_dir, demo_dataset, tmp_path):
     cfg = _cfg(tiny_sd_dir, demo_dataset, tmp_path, max_train_steps=1, num_repeats=1,
                train_batch_size=4, gradient_accumulation_steps=2)
     cfg = build_train_config({**cfg.model_dump(exclude={"max_train_steps"}), "max_train_epochs": 1})
-    t = LoraTrainer(cfg, device="cpu")
+    t = LoraTrainer.build(cfg, device="cpu")
     # 33 demo images (18 of the concept, 15 of known colours) once each, batches of 4 -> 9
     # micro-batches per epoch, 2 per step -> 5 steps.
     assert t.sampler.batches_per_epoch == 9 and t.max_train_steps == 5
@@ -101,18 +101,18 @@ def test_epochs_decide_length(tiny_sd_dir, demo_dataset, tmp_path):
 @pytest.mark.slow
 def test_checkpointing_attention_and_bf16_keep_the_loss(tiny_sd_dir, demo_dataset, tmp_path):
     base = dict(max_train_steps=2, train_batch_size=1)
-    ref = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, **base), device="cpu").train()
-    ckpt = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, gradient_checkpointing=True, attention="default",
+    ref = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, tmp_path, **base), device="cpu").train()
+    ckpt = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, tmp_path, gradient_checkpointing=True, attention="default",
                             snr_gamma=5.0, **base), device="cpu")
     assert ckpt.models.unet.is_gradient_checkpointing
     ckpt_loss = ckpt.step()
-    plain = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, snr_gamma=5.0, **base), device="cpu").step()
+    plain = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, tmp_path, snr_gamma=5.0, **base), device="cpu").step()
     assert ckpt_loss["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert ckpt_loss["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
-    bf16 = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, mixed_precision="bf16", **base), device="cpu").train()
+    bf16 = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, tmp_path, mixed_precision="bf16", **base), device="cpu").train()
     assert all(math.isfinite(h["loss"]) for h in bf16)
     assert bf16[0]["loss"] == pytest.approx(ref[0]["loss"], rel=0.1), "bf16 autocast stays near fp32"
-    v = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, prediction_type="v_prediction", noise_offset=0.1, **base),
+    v = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, tmp_path, prediction_type="v_prediction", noise_offset=0.1, **base),
                     device="cpu")
     assert v.models.noise_scheduler.config.prediction_type == "v_prediction"
     assert math.isfinite(v.step()["loss"])
@@ -125,13 +125,13 @@ def test_bucketed_training_runs(tiny_sd_dir, tmp_path):
         Image.new("RGB", size, (200, 40, 40)).save(sub / name)
     cfg = _cfg(tiny_sd_dir, tmp_path / "data", tmp_path, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
                bucket_reso_steps=32, max_train_steps=2)
-    t = LoraTrainer(cfg, device="cpu")
+    t = LoraTrainer.build(cfg, device="cpu")
     assert sorted(set(t.target_sizes.values())) == [(32, 96), (96, 32)]
     assert all(math.isfinite(h["loss"]) for h in t.train())
 
 
 def test_caption_dropout_is_seeded_and_has_its_rate(tiny_sd_dir, demo_dataset, tmp_path, monkeypatch):
-    t = LoraTrainer(_cfg(tiny_sd_dir, demo_dataset, tmp_path, caption_dropout_rate=0.25, cache_latents=False), device="cpu")
+    t = LoraTrainer.build(_cfg(tiny_sd_dir, demo_dataset, tmp_path, caption_dropout_rate=0.25, cache_latents=False), device="cpu")
     seen = []
     monkeypatch.setattr(t, "_latents", lambda examples, flips: None)  # only the captions matter here
     monkeypatch.setattr(t, "_cond", lambda captions: seen.append(captions))
