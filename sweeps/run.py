@@ -69,15 +69,19 @@ def describe(spec) -> str:
 
 
 def _stored_or_given(spec, source: str):
-    """The spec the sweep was started with, when its storage holds one (--status, --export-only, --resume)."""
-    from sweeps.stored_spec import differences, read_stored, spec_record, stored_spec
+    """For --status, --export-only and --resume: the spec the sweep was started with, when its
+    storage holds one; the given spec when it differs from that only in safe keys (export,
+    tracking, a larger budget), so that `--export-only --set export.top_k=3` exports three."""
+    from sweeps.stored_spec import differences, is_safe_change, read_stored, spec_record, stored_spec
 
     stored = stored_spec(spec)
     if stored is None:
         return spec
-    changed = [key for key, _, _ in differences(read_stored(spec), spec_record(spec))]
-    if changed:
-        print(f"using the spec stored with sweep {spec.name} ({source} differs in: {', '.join(changed)})", flush=True)
+    diffs = differences(read_stored(spec), spec_record(spec))
+    if all(is_safe_change(*d) for d in diffs):
+        return spec
+    print(f"using the spec stored with sweep {spec.name} ({source} differs in: "
+          f"{', '.join(key for key, _, _ in diffs)})", flush=True)
     return stored
 
 

@@ -65,7 +65,8 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return [(k.removeprefix("spec."), a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _safe(key: str, old: Any, new: Any) -> bool:
+def is_safe_change(key: str, old: Any, new: Any) -> bool:
+    """Whether changing `key` from `old` to `new` leaves every trial's question as it was."""
     if key == "search.num_trials":
         return isinstance(old, int) and isinstance(new, int) and new >= old
     if key == "eval.suite":
@@ -81,7 +82,7 @@ def check_against_stored(spec: SweepSpec, source: str) -> list[str]:
     if old is None or old["sha256"] == new["sha256"]:
         return []
     diffs = differences(old, new)
-    unsafe = [d for d in diffs if not _safe(*d)]
+    unsafe = [d for d in diffs if not is_safe_change(*d)]
     if unsafe:
         where = storage.join(sweep_uri(spec), SPEC_FILE)
         lines = [f"{key}: the stored sweep has {_show(a)}, this spec {_show(b)}" for key, a, b in unsafe]

@@ -58,17 +58,22 @@ def stub_trial(config: dict) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def demo_spec(tmp_path, *overrides):
-    sets = [f"storage={tmp_path}", "search.num_trials=4", "search.max_concurrent=2", "failure.max_failures=1",
+def demo_sets(tmp_path, *overrides) -> list[str]:
+    return [f"storage={tmp_path}", "search.num_trials=4", "search.max_concurrent=2", "failure.max_failures=1",
             "train.max_train_steps=10", "objective={metric: clip_score, mode: max}", "space.lr_scheduler=constant",
             *overrides]
-    return load_spec(ROOT / "examples" / "demo.yaml", sets)
+
+
+def demo_spec(tmp_path, *overrides):
+    return load_spec(ROOT / "examples" / "demo.yaml", demo_sets(tmp_path, *overrides))
+
+
+FINISHED = ("export.top_k=2", "search.initial_configs=[{learning_rate: 0.001, rank: 8}]")
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(ray_local, tmp_path_factory):
-    spec = demo_spec(tmp_path_factory.mktemp("sweep"), "export.top_k=2",
-                     "search.initial_configs=[{learning_rate: 0.001, rank: 8}]")
+    spec = demo_spec(tmp_path_factory.mktemp("sweep"), *FINISHED)
     run_sweep(spec, None, trainable=stub_trial)
     return spec
 
@@ -182,3 +187,28 @@ def test_dry_run_and_resume_of_nothing_start_nothing(tmp_path, capsys):
     assert run_cli.main([*args, "--set", "dataset=/mnt/cluster/data", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "warning: dataset: dataset folder /mnt/cluster/data does not exist" in out
+
+
+def test_status_and_export_only_read_the_stored_spec(finished_sweep, capsys):
+    from sweeps.stored_spec import store
+
+    store(finished_sweep)  # as sweeps/run.py records it when it starts a sweep
+    root = Path(finished_sweep.storage_uri)
+
+    def cli(*extra):
+        sets = demo_sets(root, *FINISHED, *extra)
+        return run_cli.main(["--space", str(ROOT / "examples" / "demo.yaml"), *[a for s in sets for a in ("--set", s)]])
+
+    # A changed question: starting is refused, --status shows the stored sweep and says so.
+    assert cli("space.rank={type: choice, values: [8, 16]}") == 2
+    assert "space.rank.values: the stored sweep has [2, 4, 8], this spec [8, 16]" in capsys.readouterr().err
+    assert run_cli.main(["--space", str(ROOT / "examples" / "demo.yaml"), "--status",
+                         *[a for s in demo_sets(root, *FINISHED, "space.rank={type: choice, values: [8]}")
+                           for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "using the spec stored with sweep demo" in out and "4 trials:" in out
+    # A safe change applies: --export-only with another top_k exports that many.
+    sets = demo_sets(root, *FINISHED[1:], "export.top_k=1")
+    assert run_cli.main(["--space", str(ROOT / "examples" / "demo.yaml"), "--export-only",
+                         *[a for s in sets for a in ("--set", s)]]) == 0
+    assert "exported 1 LoRA(s)" in capsys.readouterr().out
