@@ -198,6 +198,26 @@ class TrainConfig(BaseModel):
     )
     cache_dir: str | None = Field(None, description="Where caches live; None = <LORASWEEP_CACHE>/train_cache.")
 
+    # --- validation loss (trainer.validation) ----------------------------------------------
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Fraction (0-1) of the unique instance images held out of training for "
+        "val_loss (at least one image when > 0; chosen by a hash of each image's path, the same in every trial). "
+        "0 (default): no image is held out and val_loss is measured on the training images themselves, since "
+        "LoRA datasets are often too small (5-30 images) to give up any.",
+    )
+    validation_dir: str | None = Field(
+        None, description="A folder of validation images (read with the dataset's layout rules; never trained on) "
+        "instead of validation_fraction; None = none.",
+    )
+    validation_timesteps: int = Field(
+        4, ge=1, le=100, description="Fixed timesteps, spread evenly over the noise schedule, at which val_loss "
+        "is measured for every validation image (cost: images x timesteps UNet forwards).",
+    )
+    validation_seed: int = Field(
+        0, ge=0, description="Seed of val_loss's fixed noise and latent samples (not the training seed, so that "
+        "trials of every seed are measured alike).",
+    )
+
     # --- evaluation samples -----------------------------------------------------------------
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
@@ -222,6 +242,8 @@ class TrainConfig(BaseModel):
                 out.append(("class_prompt", "required when with_prior_preservation is true (e.g. 'a photo of a dog')"))
             if not self.class_data_dir:
                 out.append(("class_data_dir", "required when with_prior_preservation is true (a folder, may be empty)"))
+        if self.validation_fraction > 0 and self.validation_dir:
+            out.append(("validation_dir", "set either validation_dir or validation_fraction, not both"))
         if self.dataset_type == "dreambooth" and not self.instance_prompt:
             out.append(("instance_prompt", "required for dataset_type dreambooth (e.g. 'a photo of sks dog')"))
         if self.enable_bucket:

@@ -27,6 +27,7 @@ from trainer.preparation import Prepared, default_device, place_base_models, pre
 from trainer.samplers import BucketBatchSampler, EpochSampler, bucket_ids
 from trainer.text_encoding import encode_prompts
 from trainer.train_data import data_settings
+from trainer.validation import ValidationLoss
 
 MetricsCallback = Callable[[dict], None]
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -100,6 +101,7 @@ class LoraTrainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16")
         self.global_step = 0
+        self._validation = None  # val_loss's fixed inputs, built on its first call
 
     def _setup_caches(self):
         """Caches the prepare phase built are found by their keys; one for settings it did not
@@ -294,6 +296,13 @@ class LoraTrainer:
             m.unet.train()
             if self.cfg.train_text_encoder:
                 m.text_encoder.train()
+
+    def validation_loss(self) -> float:
+        """val_loss (trainer.validation): the mean diffusion loss over the validation images at fixed
+        timesteps, noise and latent samples; eval mode, no gradients, no draw from the training RNGs."""
+        if self._validation is None:
+            self._validation = ValidationLoss(self)
+        return self._validation()
 
     def evaluate(self) -> np.ndarray:
         """The validation images of cfg.sampling (prompts at their seeds), NHWC uint8."""

@@ -7,6 +7,7 @@ of data that the sweep's driver read and checked once.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ DEMO_DATASET_ID = "builtin:demo"
 DATA_FIELDS = (
     "dataset", "dataset_type", "num_repeats", "on_bad_image", "instance_prompt",
     "with_prior_preservation", "class_prompt", "class_data_dir", "num_class_images",
+    "validation_fraction", "validation_dir",
 )
 
 
@@ -47,12 +49,22 @@ class TrainData:
     class_examples: list[Example] = field(default_factory=list)  # prior preservation
     images: dict[Path, ImageInfo] = field(default_factory=dict)  # raw size and file version; empty unless verified
     settings: dict = field(default_factory=dict)  # data_settings() of the config it was read for
+    # Held-out images for val_loss (one example per image, never trained on); empty: val_loss
+    # uses the training images (see validation_set()).
+    validation_examples: list[Example] = field(default_factory=list)
 
     def unique_images(self) -> list[Path]:
-        return sorted({e.image_path for e in self.examples + self.class_examples})
+        """Every image the caches hold: training, class and validation images."""
+        return sorted({e.image_path for e in self.examples + self.class_examples + self.validation_examples})
 
     def captions(self) -> list[str]:
-        return sorted({e.caption for e in self.examples + self.class_examples})
+        return sorted({e.caption for e in self.examples + self.class_examples + self.validation_examples})
+
+    def validation_set(self) -> list[Example]:
+        """The examples val_loss is measured on: the held-out ones, else each training image once."""
+        if self.validation_examples:
+            return list(self.validation_examples)
+        return _one_per_image(self.examples)
 
     def target_sizes(self, cfg: TrainConfig) -> dict[Path, Size]:
         """The (width, height) each image is trained at under `cfg` (square or bucket); opens no file."""
@@ -88,6 +100,48 @@ def _instance_examples(cfg: TrainConfig, root: Path, kind: str) -> list[Example]
     return examples
 
 
+def _one_per_image(examples: list[Example]) -> list[Example]:
+    """The first example of each image (repeats collapsed), sorted by path."""
+    first: dict[Path, Example] = {}
+    for e in examples:
+        first.setdefault(e.image_path, e)
+    return [first[p] for p in sorted(first)]
+
+
+def _holdout_rank(root: Path, path: Path) -> str:
+    """A stable pseudo-random order of images: sha256 of the path inside the dataset (the same on
+    every machine and for every training seed)."""
+    try:
+        name = path.relative_to(root).as_posix()
+    except ValueError:
+        name = path.as_posix()
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def split_validation(examples: list[Example], fraction: float, root: Path) -> tuple[list[Example], list[Example]]:
+    """(training examples, held-out examples): round(fraction x unique images), at least one,
+    leave the training examples; every repeat of a held-out image goes."""
+    images = sorted({e.image_path for e in examples}, key=lambda p: _holdout_rank(root, p))
+    n = max(1, round(fraction * len(images)))
+    if n >= len(images):
+        raise DatasetError(f"validation_fraction {fraction} holds out all {len(images)} images of {root}; "
+                           "lower it, or set it to 0 to measure val_loss on the training images")
+    held = set(images[:n])
+    return [e for e in examples if e.image_path not in held], _one_per_image([e for e in examples if e.image_path in held])
+
+
+def _validation_dir_examples(cfg: TrainConfig, verify: bool) -> tuple[list[Example], dict[Path, ImageInfo]]:
+    vroot = Path(cfg.validation_dir).expanduser()
+    kind = cfg.dataset_type if cfg.dataset_type != "auto" else detect_dataset_type(vroot)
+    examples = _one_per_image(_instance_examples(cfg, vroot, kind))
+    infos: dict[Path, ImageInfo] = {}
+    if verify:
+        examples, infos = check_images(examples, cfg.on_bad_image)
+    if not examples:
+        raise DatasetError(f"validation_dir {vroot} holds no usable images")
+    return examples, infos
+
+
 def load_train_data(cfg: TrainConfig, root: Path | None = None, verify: bool = True) -> TrainData:
     """Resolve, detect, load and check the dataset of `cfg` (class images must already exist).
 
@@ -111,7 +165,15 @@ def load_train_data(cfg: TrainConfig, root: Path | None = None, verify: bool = T
             raise DatasetError(f"class_data_dir {class_dir} holds no usable class images; let the trainer generate them")
     if not examples:
         raise DatasetError(f"dataset {root}: every image was skipped as unreadable")
-    return TrainData(kind, root, examples, class_examples, infos, data_settings(cfg))
+    validation: list[Example] = []
+    if cfg.validation_fraction > 0:
+        # After the checks, so that a skipped image is never held out; `infos` keeps the held-out
+        # images' sizes (the caches hold them too).
+        examples, validation = split_validation(examples, cfg.validation_fraction, root)
+    elif cfg.validation_dir:
+        validation, validation_infos = _validation_dir_examples(cfg, verify)
+        infos.update(validation_infos)
+    return TrainData(kind, root, examples, class_examples, infos, data_settings(cfg), validation)
 
 
 def dataset_summary(data: TrainData) -> dict:
