@@ -16,10 +16,11 @@ from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
 from sweeps.spec_schema import EvalSpec, ObjectiveSpec, ParamSpace, PrunerSpec, ResourcesSpec, SearchSpec, SweepSpec, search_order
 from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, TrainConfigError, format_validation_error
+from trainer.validation import VALIDATION_METRICS
 
-# What a trial reports and an objective may name: the training loss, the evaluator's scores and,
-# with `eval.oracle: toy_world`, the oracle's.
-TRIAL_METRICS = (*REPORTED_METRICS, "loss", *ORACLE_METRICS)
+# What a trial reports and an objective may name: the training loss, the evaluator's scores, the
+# trainer's validation loss and, with `eval.oracle: toy_world`, the oracle's.
+TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS)
 
 
 def space_problems(spec: SweepSpec) -> list[str]:

@@ -109,6 +109,7 @@ def _metrics(trainer: LoraTrainer, history: list[dict], scores: dict, resumed_fr
         "step": trainer.global_step,
         "max_train_steps": trainer.max_train_steps,  # lets the results table tell pruned from complete
         "loss": float(np.mean([h["loss"] for h in history])),
+        "val_loss": trainer.validation_loss(),  # fixed timesteps, noise and latents: comparable across evaluations
         "lr": history[-1]["lr"],
         "images_per_sec": float(np.median([h["images_per_sec"] for h in history])),
         "resumed_from_step": resumed_from,

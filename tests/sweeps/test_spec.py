@@ -254,3 +254,8 @@ def test_field_errors_do_not_hide_combination_problems():
     for expected in ("train.train_batch_size: Input should be greater than or equal to 1",
                      "train.resolution: 65 is not a multiple of 8", "train.cache_latents: random crops"):
         assert expected in text, text
+
+
+def test_val_loss_is_an_objective_to_minimise():
+    spec = parse_spec(_base(objective={"metric": "val_loss", "mode": "min"}))
+    assert (spec.primary.metric, spec.primary.mode) == ("val_loss", "min")
