@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from evaluator.metrics import REPORTED_METRICS
+from evaluator.metrics import OBJECTIVE_COMPONENTS, REPORTED_METRICS, ObjectiveWeights
 from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
 from sweeps.spec_schema import EvalSpec, ObjectiveSpec, ParamSpace, PrunerSpec, ResourcesSpec, SearchSpec, SweepSpec, search_order
 from toyworld.oracle import ORACLE_METRICS
@@ -108,8 +109,35 @@ def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> lis
             out.append(f"{path}: {o.metric!r} comes from the toy world's pixel oracle; set eval.oracle: "
                        "toy_world (built-in toy world only) or optimise a CLIP metric such as objective")
         seen.add(o.metric)
+        if o.weights is not None:
+            out += _weights_problems(path.removesuffix(".metric") + ".weights", o)
     if _eval_oracle(spec) is not None and not getattr(spec, "trigger_word", None):
         out.append("eval.oracle: the oracle's concept_accuracy reads the trigger prompts; set trigger_word")
+    return out
+
+
+def _weights_problems(path: str, o: ObjectiveSpec) -> list[str]:
+    """`objective.weights`, checked by evaluator.metrics.ObjectiveWeights (the scorer's own type)."""
+    if o.metric != "objective":
+        return [f"{path}: weights only apply to metric objective (the composite), not {o.metric!r}; "
+                "remove weights or set metric: objective"]
+    try:
+        weights = ObjectiveWeights(**o.weights).as_dict()
+    except ValidationError as err:
+        out = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in (path, *e["loc"]))
+            if e["type"] == "extra_forbidden":
+                out.append(f"{where}: unknown objective component; known: {', '.join(OBJECTIVE_COMPONENTS)}")
+            elif e["type"] == "greater_than_equal":
+                out.append(f"{where}: must be >= 0 (every component is higher-is-better; 0 drops the term), "
+                           f"got {e['input']!r}")
+            else:
+                out.append(f"{where}: {e['msg']}")
+        return out
+    out = [f"{path}.{k}: must be a finite number, got {v}" for k, v in weights.items() if not math.isfinite(v)]
+    if not out and not any(weights.values()):
+        out.append(f"{path}: every weight is 0, so the objective has no term; give at least one a weight > 0")
     return out
 
 

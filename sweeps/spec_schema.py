@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from evaluator.metrics import ObjectiveWeights
 from evaluator.suites import expand_suite, load_suite, parse_suite
 from trainer.config import TrainConfig, build_train_config
 
@@ -114,6 +115,10 @@ class EvaluatorSpec(_Strict):
 class ObjectiveSpec(_Strict):
     metric: str = "clip_score"
     mode: Literal["max", "min"] = "max"
+    weights: dict[str, Any] | None = Field(
+        None, description="With metric `objective`: the weight of each component (clip_score, clip_i, "
+        "prior_preservation, trigger_effect; >= 0, 0 drops the term); a component not given keeps its "
+        "default (evaluator.metrics.DEFAULT_OBJECTIVE_WEIGHTS). Checked by evaluator.metrics.ObjectiveWeights.")
 
 
 class SearchSpec(_Strict):
@@ -189,6 +194,11 @@ class SweepSpec(_Strict):
     def primary(self) -> ObjectiveSpec:
         """The objective that ranks trials for export and pruning (the first one)."""
         return self.objectives[0]
+
+    def objective_weights(self) -> dict[str, float] | None:
+        """Every component's weight of the composite `objective` metric, when the spec sets them."""
+        given = [o.weights for o in self.objectives if o.metric == "objective" and o.weights is not None]
+        return ObjectiveWeights(**given[0]).as_dict() if given else None
 
     def searched(self) -> dict[str, ParamSpace]:
         return {k: ParamSpace(**v) for k, v in self.space.items() if isinstance(v, dict)}

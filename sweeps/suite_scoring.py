@@ -1,24 +1,34 @@
 """Scoring a trial's samples on a prompt suite: CLIP-T per kind, CLIP-I, prior preservation,
-trigger effect and the composite objective.
+trigger effect and the composite objective (weighted by the spec's `objective.weights`).
 
-The references are made once per sweep and kept in the shared evaluator: the training images,
-and the base model's images of the `no_concept` items. A trial at step 0 makes the latter with
-its own pipeline, because a fresh LoRA (up-projections initialised to zero) leaves the base
-model's output unchanged at the same seeds.
+The references are made once and kept in the shared evaluator: the training images, and the base
+model's images of the `no_concept` items. The latter depend on everything that changes what the
+base model draws (the model, the prompts and seeds, clip skip, resolution, the sampling settings,
+precision...), so they are keyed by a hash of those (`base_reference_key`): two trials with
+different searched clip skips get two references. They are rendered with the LoRA adapters
+disabled (the base model itself, whatever the trial's step: a resumed trial gets the same
+reference as a fresh one) and persisted under `<sweep>/references/`, so that an evaluator restart
+or a resumed trial reads them back instead of rendering them again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 from collections.abc import Callable
 
 import numpy as np
 
-from evaluator.remote import connect_evaluator, ensure_reference, has_reference, score_suite_remote
+from evaluator.remote import MissingReference, connect_evaluator, ensure_reference, score_suite_remote
+from sweeps import storage
 from sweeps.trial_plan import TrialPlan
 from trainer.images import load_image
 from trainer.loop import LoraTrainer
 
 Scorer = Callable[[np.ndarray, list[str]], dict]
+REFERENCES = "references"  # <sweep>/references/base-<hash>.npz
 
 
 def training_images(trainer: LoraTrainer, limit: int = 64) -> np.ndarray:
@@ -44,44 +54,111 @@ def training_images(trainer: LoraTrainer, limit: int = 64) -> np.ndarray:
     return np.stack(out)
 
 
+def base_reference_inputs(plan: TrialPlan, trainer: LoraTrainer) -> dict:
+    """Everything that changes the base model's images of the no_concept items (no LoRA setting)."""
+    cfg, items = trainer.cfg, [it for it in plan.suite_items or [] if it.kind == "no_concept"]
+    s = cfg.sampling
+    return {
+        "base_model": plan.prepared.base_model, "base_model_sha256": plan.prepared.base_model_sha256,
+        "prompts": [it.prompt for it in items], "seeds": [it.seed for it in items],
+        "sampling": {"steps": s.steps, "guidance_scale": s.guidance_scale, "sampler": s.sampler,
+                     "negative_prompt": s.negative_prompt},
+        "clip_skip": cfg.clip_skip, "resolution": cfg.resolution, "prediction_type": cfg.prediction_type,
+        "mixed_precision": cfg.mixed_precision, "attention": cfg.attention,
+    }
+
+
+def base_reference_key(plan: TrialPlan, trainer: LoraTrainer) -> str:
+    """`<sweep>/base/<16 hex digits>`: a stable hash of `base_reference_inputs`."""
+    blob = json.dumps(base_reference_inputs(plan, trainer), sort_keys=True, default=str).encode()
+    return f"{plan.sweep}/base/{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def reference_path(plan: TrialPlan, key: str) -> str:
+    return storage.join(plan.sweep_uri, REFERENCES, f"base-{key.rsplit('/', 1)[-1]}.npz")
+
+
+@contextlib.contextmanager
+def adapters_disabled(trainer: LoraTrainer):
+    """The base model: every LoRA adapter of the trainer off (peft's `disable_adapters`), and every
+    parameter's requires_grad as it was afterwards (peft switches the adapters' off)."""
+    modules = [trainer.models.unet] + ([trainer.models.text_encoder] if trainer.cfg.train_text_encoder else [])
+    grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for m in modules:
+        m.disable_adapters()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.enable_adapters()
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def base_images(plan: TrialPlan, trainer: LoraTrainer, key: str | None = None) -> np.ndarray:
+    """The base model's images of the no_concept items: read from the sweep's storage when a trial
+    made them already, else rendered with the adapters disabled and stored (atomically)."""
+    key = key or base_reference_key(plan, trainer)
+    path = reference_path(plan, key)
+    if storage.exists(path):
+        with np.load(io.BytesIO(storage.read_bytes(path))) as f:
+            return f["images"]
+    items = [it for it in plan.suite_items if it.kind == "no_concept"]
+    with adapters_disabled(trainer):
+        images = trainer.sample([it.prompt for it in items], [it.seed for it in items])
+    buf = io.BytesIO()
+    inputs = json.dumps(base_reference_inputs(plan, trainer), sort_keys=True, default=str)
+    np.savez_compressed(buf, images=images, inputs=np.array(inputs))
+    storage.write_bytes(path, buf.getvalue())
+    return images
+
+
 def make_suite_scorer(plan: TrialPlan, trainer: LoraTrainer) -> Scorer | None:
     """A scorer for the plan's prompt suite, or None when the spec lists plain prompts."""
-    items = plan.suite_items
-    if items is None:
+    if plan.suite_items is None:
         return None
-    base_items = [it for it in items if it.kind == "no_concept"]
-    make_base = (lambda: trainer.sample([it.prompt for it in base_items], [it.seed for it in base_items]))
-    fresh = trainer.global_step == 0  # base images are only right from an untrained LoRA
+    has_base = any(it.kind == "no_concept" for it in plan.suite_items)
+    base_key = base_reference_key(plan, trainer) if has_base else None
     if plan.evaluator_actor:
-        return _remote(plan, trainer, items, base_items, make_base, fresh)
-    return _local(plan, trainer, items, base_items, make_base, fresh)
+        return _remote(plan, trainer, base_key)
+    return _local(plan, trainer, base_key)
 
 
-def _remote(plan, trainer, items, base_items, make_base, fresh) -> Scorer:
+def _remote(plan, trainer, base_key) -> Scorer:
     handle = connect_evaluator(name=plan.evaluator_actor, timeout_s=120)
-    train_key, base_key = f"{plan.sweep}/train", f"{plan.sweep}/base"
-    ensure_reference(handle, train_key, lambda: training_images(trainer))
-    if base_items and fresh:
-        ensure_reference(handle, base_key, make_base)
-    if not base_items or not has_reference(handle, base_key):
-        base_key = None  # prior preservation is then left out of the objective (listed as skipped)
+    train_key = f"{plan.sweep}/train"
+
+    def put_references() -> None:
+        ensure_reference(handle, train_key, lambda: training_images(trainer))
+        if base_key:
+            ensure_reference(handle, base_key, lambda: base_images(plan, trainer, base_key))
+
+    put_references()
 
     def score(images: np.ndarray, prompts: list[str]) -> dict:
-        return score_suite_remote(handle, items, images, trigger=plan.trigger_word, base_key=base_key,
-                                  train_key=train_key, timeout_s=600)
+        def call():
+            return score_suite_remote(handle, plan.suite_items, images, trigger=plan.trigger_word,
+                                      base_key=base_key, train_key=train_key,
+                                      weights=plan.objective_weights, timeout_s=600)
+        try:
+            return call()
+        except MissingReference:  # the evaluator restarted with an empty cache: put them again
+            put_references()
+            return call()
 
     return score
 
 
-def _local(plan, trainer, items, base_items, make_base, fresh) -> Scorer:
+def _local(plan, trainer, base_key) -> Scorer:
     from evaluator import ClipModel  # torch and open_clip: only where the model runs
     from evaluator.score import evaluate_suite
 
     clip = ClipModel.load(plan.evaluator_model, plan.evaluator_pretrained)
     train_emb = clip.embed_images(training_images(trainer))
-    base = make_base() if base_items and fresh else None
+    base = base_images(plan, trainer, base_key) if base_key else None
 
     def score(images: np.ndarray, prompts: list[str]) -> dict:
-        return evaluate_suite(clip, items, images, trigger=plan.trigger_word, base_images=base, train_emb=train_emb)
+        return evaluate_suite(clip, plan.suite_items, images, trigger=plan.trigger_word, base_images=base,
+                              train_emb=train_emb, weights=plan.objective_weights)
 
     return score

@@ -47,6 +47,7 @@ class TrialPlan:
     cpus_per_trial: float
     evaluator_actor: str | None = None  # the shared evaluator's actor name, set by the driver
     tracking: dict | None = None  # sweeps.tracking.trial_settings(spec)
+    objective_weights: dict[str, float] | None = None  # `objective.weights` (None: the defaults)
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
@@ -98,6 +99,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
         suite_items=items, trigger_word=spec.trigger_word, eval_interval=spec.eval.interval, oracle=spec.eval.oracle,
         evaluator_model=spec.evaluator.model, evaluator_pretrained=spec.evaluator.pretrained,
         export_formats=tuple(spec.export.formats), cpus_per_trial=spec.resources.cpus_per_trial,
+        objective_weights=spec.objective_weights(),
     )
 
 

@@ -259,3 +259,31 @@ def test_field_errors_do_not_hide_combination_problems():
 def test_val_loss_is_an_objective_to_minimise():
     spec = parse_spec(_base(objective={"metric": "val_loss", "mode": "min"}))
     assert (spec.primary.metric, spec.primary.mode) == ("val_loss", "min")
+
+
+def test_objective_weights_parse_into_every_component():
+    spec = parse_spec(_base(objective={"metric": "objective", "mode": "max",
+                                       "weights": {"clip_score": 2, "prior_preservation": 0}}), "search.yaml")
+    from evaluator.metrics import DEFAULT_OBJECTIVE_WEIGHTS
+
+    # Given components replace the defaults; the others keep theirs.
+    assert spec.objective_weights() == {**DEFAULT_OBJECTIVE_WEIGHTS, "clip_score": 2.0, "prior_preservation": 0.0}
+    assert parse_spec(_base(), "search.yaml").objective_weights() is None  # no weights: the defaults
+
+
+@pytest.mark.parametrize(("weights", "expected"), [
+    ({"clip_score": 1, "clip_j": 2}, "objective.weights.clip_j: unknown objective component; "
+                                     "known: clip_score, clip_i, prior_preservation, trigger_effect"),
+    ({"prior_preservation": -1}, "objective.weights.prior_preservation: must be >= 0"),
+    ({"clip_score": 0, "clip_i": 0, "prior_preservation": 0, "trigger_effect": 0}, "objective.weights: every weight is 0"),
+])
+def test_bad_objective_weights_name_their_path(weights, expected):
+    with pytest.raises(SpecError) as err:
+        parse_spec(_base(objective={"metric": "objective", "weights": weights}), "search.yaml")
+    assert expected in str(err.value), str(err.value)
+
+
+def test_objective_weights_need_the_objective_metric():
+    with pytest.raises(SpecError) as err:
+        parse_spec(_base(objective={"metric": "clip_score", "weights": {"clip_score": 1}}), "search.yaml")
+    assert "objective.weights: weights only apply to metric objective" in str(err.value)

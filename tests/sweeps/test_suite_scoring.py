@@ -3,11 +3,15 @@
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from evaluator.metrics import DEFAULT_OBJECTIVE_WEIGHTS, OBJECTIVE_COMPONENTS
+from sweeps import storage
+from sweeps import suite_scoring as ss
 from sweeps.spec import parse_spec
-from sweeps.suite_scoring import make_suite_scorer, training_images
+from sweeps.suite_scoring import base_images, base_reference_key, make_suite_scorer, reference_path, training_images
 from sweeps.trial_plan import build_plan
 from trainer.loop import LoraTrainer
 
@@ -15,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def suite_setup(tiny_sd_dir, demo_dataset):
+def suite_setup(tiny_sd_dir, demo_dataset, tmp_path_factory):
     from evaluator.tiny import ensure_tiny_clip
 
     ensure_tiny_clip()
     data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
-    data.update(base_model=str(tiny_sd_dir), dataset=str(demo_dataset))
+    data.update(base_model=str(tiny_sd_dir), dataset=str(demo_dataset), storage=str(tmp_path_factory.mktemp("runs")))
     data["eval"] = {"interval": 2, "suite": str(ROOT / "examples" / "suites" / "demo.yaml"), "class_word": "circle"}
     data["train"]["max_train_steps"] = 2
     spec = parse_spec(data, "test")
@@ -77,4 +81,82 @@ def test_shared_service_gives_the_local_scores(suite_setup, ray_local):
     for key in ("clip_score", "clip_i", "prior_preservation", "trigger_effect", "objective"):
         assert remote[key] == pytest.approx(local[key], rel=1e-3, abs=1e-3), key
     assert stats["model_loads"] == 1
-    assert sorted(stats["references"]) == ["demo/base", "demo/train"]
+    assert sorted(stats["references"]) == [base_reference_key(plan, trainer), "demo/train"]
+
+
+PARAMS = {"learning_rate": 1e-2, "rank": 4, "lr_scheduler": "constant"}
+
+
+def _fresh_storage(plan, tmp_path):
+    return replace(plan, sweep_uri=str(tmp_path / "sweep"))
+
+
+def test_clip_skip_gives_its_own_reference(suite_setup, tmp_path):
+    _, plan, trainer = suite_setup
+    plan = _fresh_storage(plan, tmp_path)
+    other = LoraTrainer.build(plan.train_config({**PARAMS, "clip_skip": 2}), prepared=plan.prepared)
+    assert base_reference_key(plan, trainer) != base_reference_key(plan, other)
+    assert base_reference_key(plan, trainer) == base_reference_key(plan, trainer)  # stable
+    a, b = base_images(plan, trainer), base_images(plan, other)
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    # Both are kept, each under its key: the one rendered first does not stand in for the other.
+    assert len(storage.listdir(storage.join(plan.sweep_uri, ss.REFERENCES))) == 2
+    assert np.array_equal(base_images(plan, other), b)
+
+
+def test_resumed_trial_keeps_prior_preservation(suite_setup, tmp_path):
+    _, plan, _ = suite_setup
+    trainer = LoraTrainer.build(plan.train_config(PARAMS), prepared=plan.prepared)
+    fresh_plan = _fresh_storage(plan, tmp_path / "a")
+    uninterrupted = make_suite_scorer(fresh_plan, trainer)  # made at step 0, as a fresh trial does
+    trainer.train(2)
+    images = trainer.sample(plan.prompts, plan.seeds)
+    expected = uninterrupted(images, plan.prompts)
+    # The same trial resumed at step 2 on a node whose sweep storage has no reference yet: it
+    # renders the base model's images itself (adapters disabled), not the trained LoRA's.
+    resumed_plan = _fresh_storage(plan, tmp_path / "b")
+    assert trainer.global_step == 2
+    resumed = make_suite_scorer(resumed_plan, trainer)(images, plan.prompts)
+    assert resumed["prior_preservation"] is not None and resumed["objective_skipped"] == []
+    assert set(resumed["objective_terms"]) == set(OBJECTIVE_COMPONENTS)
+    for key in (*OBJECTIVE_COMPONENTS, "objective"):
+        assert resumed[key] == pytest.approx(expected[key], abs=1e-5), key
+    assert np.array_equal(base_images(resumed_plan, trainer), base_images(fresh_plan, trainer))
+    # Rendering the base model left the LoRA on and trainable.
+    assert trainer.params and all(p.requires_grad for p in trainer.params)
+    assert np.array_equal(trainer.sample(plan.prompts, plan.seeds), images)
+
+
+def test_reference_persists_and_is_read_back(suite_setup, tmp_path, monkeypatch):
+    _, plan, trainer = suite_setup
+    plan = _fresh_storage(plan, tmp_path)
+    key = base_reference_key(plan, trainer)
+    first = make_suite_scorer(plan, trainer)
+    path = reference_path(plan, key)
+    assert storage.exists(path) and path.startswith(plan.sweep_uri)
+    stored = base_images(plan, trainer)
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the stored reference was rendered again")
+
+    monkeypatch.setattr(ss, "adapters_disabled", no_render)
+    monkeypatch.setattr(trainer, "sample", no_render)
+    second = make_suite_scorer(plan, trainer)  # an evaluator restart or another trial: read back
+    assert np.array_equal(base_images(plan, trainer), stored)
+    monkeypatch.undo()
+    images = trainer.sample(plan.prompts, plan.seeds)
+    a, b = first(images, plan.prompts), second(images, plan.prompts)
+    assert a["prior_preservation"] == b["prior_preservation"] is not None
+
+
+def test_objective_weights_reach_the_score(suite_setup):
+    _, plan, trainer = suite_setup
+    images = trainer.sample(plan.prompts, plan.seeds)
+    only_clip = {k: (1.0 if k == "clip_score" else 0.0) for k in OBJECTIVE_COMPONENTS}
+    weighted = make_suite_scorer(replace(plan, objective_weights=only_clip), trainer)(images, plan.prompts)
+    assert weighted["objective"] == pytest.approx(weighted["clip_score"])
+    assert set(weighted["objective_terms"]) == {"clip_score"}
+    default = make_suite_scorer(plan, trainer)(images, plan.prompts)
+    assert default["objective"] == pytest.approx(sum(DEFAULT_OBJECTIVE_WEIGHTS[k] * default[k] for k in OBJECTIVE_COMPONENTS))
+    for key in OBJECTIVE_COMPONENTS:  # every component is still reported, whatever its weight
+        assert weighted[key] == pytest.approx(default[key]) and weighted[key] is not None
