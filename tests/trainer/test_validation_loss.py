@@ -45,6 +45,7 @@ def test_val_loss_is_bit_identical_on_rerun_and_after_a_checkpoint_restore(tiny_
     assert restored.validation_loss() == moved, "a restored trainer gives the val_loss of the one it was saved from"
 
 
+@pytest.mark.slow  # ~25 s: two full training runs
 def test_computing_val_loss_leaves_training_bit_identical(tiny_sd_dir, demo_dataset):
     # Uncached latents and text (np_rng, the VAE), random flips, caption dropout, LoRA dropout (the
     # global RNG in train mode) and a trained text encoder: every RNG and mode val_loss could disturb.
@@ -108,6 +109,7 @@ def test_validation_dir_is_read_and_never_trained_on(tiny_sd_dir, demo_dataset, 
     assert trainer.validation_loss() > 0  # its latents and captions came from the caches
 
 
+@pytest.mark.slow  # ~13 s: 30 training steps
 def test_training_lowers_val_loss_on_the_training_images(tiny_sd_dir, demo_dataset):
     trainer = _build(_cfg(tiny_sd_dir, demo_dataset))
     untrained = trainer.validation_loss()
