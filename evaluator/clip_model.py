@@ -137,7 +137,7 @@ class ClipModel:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
         mode = _INTERPOLATIONS[cfg["interpolation"]]
         # Resize while still uint8, as PIL does: torchvision's antialiased kernels follow PIL's
-        # filters, and the results agree within 1-2 levels (tests/test_evaluator.py).
+        # filters, and the results agree within 1-2 levels (tests/evaluator/test_evaluator.py).
         if cfg["resize_mode"] == "squash":
             x = TF.resize(x, [h, w], interpolation=mode, antialias=True)
         else:
