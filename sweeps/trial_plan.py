@@ -43,7 +43,6 @@ class TrialPlan:
     oracle: str | None  # `eval.oracle`
     evaluator_model: str  # CLIP for in-process scoring, when no shared evaluator runs
     evaluator_pretrained: str | None
-    export_formats: tuple[str, ...]
     cpus_per_trial: float
     evaluator_actor: str | None = None  # the shared evaluator's actor name, set by the driver
     tracking: dict | None = None  # sweeps.tracking.trial_settings(spec)
@@ -89,8 +88,8 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
     except BaseModelError as err:
         raise SpecError(source, [f"base_model: {err}"]) from None
     except TrainConfigError as err:  # a value the base model cannot take (clip skip beyond its text encoder)
-        field = str(err).split(":", 1)[0]
-        raise SpecError(source, [f"{'space' if field in spec.space else 'train'}.{err}"]) from None
+        raise SpecError(source, [f"{'space' if path in spec.space else 'train'}.{path}: {msg}"
+                                 for path, msg in err.problems]) from None
     prompts, seeds = spec.eval_prompts()
     suite = spec.prompt_suite()
     items = expand_suite(suite, spec.trigger_word, spec.eval.class_word) if suite is not None else None
@@ -98,7 +97,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
         sweep=spec.name, sweep_uri=sweep_uri(spec), fixed=fixed, prepared=prepared, prompts=prompts, seeds=seeds,
         suite_items=items, trigger_word=spec.trigger_word, eval_interval=spec.eval.interval, oracle=spec.eval.oracle,
         evaluator_model=spec.evaluator.model, evaluator_pretrained=spec.evaluator.pretrained,
-        export_formats=tuple(spec.export.formats), cpus_per_trial=spec.resources.cpus_per_trial,
+        cpus_per_trial=spec.resources.cpus_per_trial,
         objective_weights=spec.objective_weights(),
     )
 

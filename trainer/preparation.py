@@ -54,8 +54,8 @@ def _check_clip_skips(models: SDComponents, clip_skips: list[int]) -> None:
     layers = models.text_encoder.config.num_hidden_layers
     too_deep = [k for k in clip_skips if k > layers]
     if too_deep:
-        raise TrainConfigError(f"clip_skip: {too_deep[0]} exceeds the base model's text encoder, which has {layers} "
-                               f"layers; use 1 (off) to {layers}")
+        message = f"{too_deep[0]} exceeds the base model's text encoder, which has {layers} layers; use 1 (off) to {layers}"
+        raise TrainConfigError(f"clip_skip: {message}", [("clip_skip", message)])
 
 
 def uses_text_cache(cfg: TrainConfig) -> bool:
