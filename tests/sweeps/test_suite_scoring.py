@@ -104,6 +104,7 @@ def test_clip_skip_gives_its_own_reference(suite_setup, tmp_path):
     assert np.array_equal(base_images(plan, other), b)
 
 
+@pytest.mark.slow  # trains, then scores twice
 def test_resumed_trial_keeps_prior_preservation(suite_setup, tmp_path):
     _, plan, _ = suite_setup
     trainer = LoraTrainer.build(plan.train_config(PARAMS), prepared=plan.prepared)

@@ -29,6 +29,7 @@ def test_fixed_timesteps_spread_over_the_schedule():
     assert VALIDATION_METRICS == ("val_loss",)
 
 
+@pytest.mark.slow  # ~12 s: trains and restores
 def test_val_loss_is_bit_identical_on_rerun_and_after_a_checkpoint_restore(tiny_sd_dir, demo_dataset, tmp_path):
     cfg = _cfg(tiny_sd_dir, demo_dataset, snr_gamma=5.0)
     trainer = _build(cfg)
