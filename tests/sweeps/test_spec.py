@@ -27,17 +27,18 @@ def test_repo_root_search_yaml_is_the_thesis_sweep():
     assert kinds == {"natural", "new_setting", "no_concept", "trigger_test"}
 
 
+# A space and train section with one problem in every field.
+BAD_SPACE = {
+    "learning_rate": {"type": "loguniform", "low": 0, "high": 1e-3},
+    "rank": {"type": "choice", "values": [4, 0]},
+    "not_a_field": {"type": "uniform", "low": 0, "high": 1},
+    "lr_scheduler": {"type": "choice", "values": ["linear", "cosine_typo"]},
+}
+BAD_TRAIN = {"resolution": 64, "max_train_steps": 0, "extra_knob": 3}
+
+
 def test_all_problems_reported_together_with_paths():
-    data = _base(
-        space={
-            "learning_rate": {"type": "loguniform", "low": 0, "high": 1e-3},
-            "rank": {"type": "choice", "values": [4, 0]},
-            "not_a_field": {"type": "uniform", "low": 0, "high": 1},
-            "lr_scheduler": {"type": "choice", "values": ["linear", "cosine_typo"]},
-        },
-        train={"resolution": 64, "max_train_steps": 0, "extra_knob": 3},
-        search={"num_trials": 0},
-    )
+    data = _base(space=BAD_SPACE, train=BAD_TRAIN, search={"num_trials": 0})
     with pytest.raises(SpecError) as err:
         parse_spec(data, "search.yaml")
     text = str(err.value)
@@ -47,15 +48,7 @@ def test_all_problems_reported_together_with_paths():
 
 
 def test_space_and_train_problems_reported_together():
-    data = _base(
-        space={
-            "learning_rate": {"type": "loguniform", "low": 0, "high": 1e-3},
-            "rank": {"type": "choice", "values": [4, 0]},
-            "not_a_field": {"type": "uniform", "low": 0, "high": 1},
-            "lr_scheduler": {"type": "choice", "values": ["linear", "cosine_typo"]},
-        },
-        train={"resolution": 64, "max_train_steps": 0, "extra_knob": 3},
-    )
+    data = _base(space=BAD_SPACE, train=BAD_TRAIN)
     with pytest.raises(SpecError) as err:
         parse_spec(data, "search.yaml")
     text = str(err.value)

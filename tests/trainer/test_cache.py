@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from builders import small_kohya_dataset
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -35,19 +36,8 @@ def fingerprints(models):
     return module_fingerprint(models.vae), module_fingerprint(models.text_encoder)
 
 
-def _small_dataset(root, n=3):
-    sub = root / "2_sks circle"
-    sub.mkdir(parents=True)
-    for i in range(n):
-        im = Image.new("RGB", (64, 64), (40 * i, 120, 200))
-        im.paste((220, 30, 30), (8 + 4 * i, 8, 40, 40 + 4 * i))
-        im.save(sub / f"img_{i}.png")
-        (sub / f"img_{i}.txt").write_text(f"sks, a red square number {i}")
-    return root
-
-
 def test_loss_with_and_without_cache_agree(tiny_sd_dir, tmp_path):
-    data = _small_dataset(tmp_path / "data")
+    data = small_kohya_dataset(tmp_path / "data")
     knobs = dict(random_flip=True, caption_dropout_rate=0.3, clip_skip=2)
     cached = LoraTrainer.build(_cfg(tiny_sd_dir, data, tmp_path / "c", **knobs), device="cpu")
     assert cached.latent_cache is not None and cached.text_cache is not None
@@ -62,7 +52,7 @@ def test_loss_with_and_without_cache_agree(tiny_sd_dir, tmp_path):
 
 def test_cache_holds_the_vae_moments_and_embeddings(tiny_sd_dir, tmp_path, models, fingerprints):
     vae_fp, te_fp = fingerprints
-    data_dir = _small_dataset(tmp_path / "data", n=2)
+    data_dir = small_kohya_dataset(tmp_path / "data", n=2)
     cfg = _cfg(tiny_sd_dir, data_dir, tmp_path / "c", random_flip=True)
     data = load_train_data(cfg)
     cache = ensure_latent_cache(cfg, models.vae, data, vae_fp)
@@ -80,7 +70,7 @@ def test_cache_holds_the_vae_moments_and_embeddings(tiny_sd_dir, tmp_path, model
 
 def test_changes_invalidate(tiny_sd_dir, tmp_path, models, fingerprints):
     vae_fp, te_fp = fingerprints
-    data_dir = _small_dataset(tmp_path / "data", n=2)
+    data_dir = small_kohya_dataset(tmp_path / "data", n=2)
     cfg = _cfg(tiny_sd_dir, data_dir, tmp_path / "c")
     data = load_train_data(cfg)
     first = ensure_latent_cache(cfg, models.vae, data, vae_fp)
@@ -115,7 +105,7 @@ def _build(cfg_values: dict, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_build_one_valid_cache(tiny_sd_dir, tmp_path):
-    data_dir = _small_dataset(tmp_path / "data")
+    data_dir = small_kohya_dataset(tmp_path / "data")
     values = _cfg(tiny_sd_dir, data_dir, tmp_path / "c", random_flip=True).model_dump()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_build, args=(values, str(tmp_path / f"out{i}"))) for i in range(2)]

@@ -4,22 +4,12 @@ and TrainData as load_train_data builds it."""
 import json
 
 import pytest
+from builders import data_cfg, img
 from PIL import Image
 
 from toyworld.lora_task import TRIGGER as DEMO_TRIGGER
-from trainer.config import build_train_config
 from trainer.dataset_layouts import DatasetError, detect_dataset_type, load_imagefolder, load_kohya_folder
 from trainer.train_data import ensure_demo_dataset, load_train_data
-
-
-def _img(path, size=(16, 16), color=(200, 0, 0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def _cfg(dataset, **over):
-    return build_train_config({"base_model": "builtin:tiny-sd", "dataset": str(dataset), "resolution": 64, **over})
 
 
 def test_demo_dataset_is_kohya_layout_with_trigger(tmp_path):
@@ -71,15 +61,15 @@ def test_dataset_errors_name_path_and_fix(tmp_path):
 
 
 def test_imagefolder_metadata_jsonl(tmp_path):
-    _img(tmp_path / "a.png")
-    _img(tmp_path / "sub" / "b.jpg")
+    img(tmp_path / "a.png")
+    img(tmp_path / "sub" / "b.jpg")
     rows = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "sub/b.jpg", "text": "another"}]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert detect_dataset_type(tmp_path) == "imagefolder"
     examples = load_imagefolder(tmp_path, num_repeats=2)
     assert sorted({(e.image_path.name, e.caption) for e in examples}) == [("a.png", "a red square"), ("b.jpg", "another")]
     assert len(examples) == 4
-    cfg = _cfg(tmp_path)
+    cfg = data_cfg(tmp_path)
     data = load_train_data(cfg)
     assert data.kind == "imagefolder" and data.target_sizes(cfg)[tmp_path / "a.png"] == (64, 64)
 
@@ -87,8 +77,8 @@ def test_imagefolder_metadata_jsonl(tmp_path):
 def test_imagefolder_errors_and_skip(tmp_path):
     with pytest.raises(DatasetError, match="metadata.jsonl does not exist"):
         load_imagefolder(tmp_path)
-    _img(tmp_path / "a.png")
-    _img(tmp_path / "uncaptioned.png")
+    img(tmp_path / "a.png")
+    img(tmp_path / "uncaptioned.png")
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "gone.png", "text": "y"}\n')
     with pytest.raises(DatasetError, match="gone.png.*does not exist.*on_bad_image: skip"):
         load_imagefolder(tmp_path)
@@ -102,12 +92,12 @@ def test_imagefolder_errors_and_skip(tmp_path):
 
 
 def test_dreambooth_folder_and_detection(tmp_path):
-    _img(tmp_path / "inst" / "1.png")
-    _img(tmp_path / "inst" / "2.png")
+    img(tmp_path / "inst" / "1.png")
+    img(tmp_path / "inst" / "2.png")
     assert detect_dataset_type(tmp_path / "inst") == "dreambooth"
     with pytest.raises(DatasetError, match="set instance_prompt"):
-        load_train_data(_cfg(tmp_path / "inst"))
-    data = load_train_data(_cfg(tmp_path / "inst", instance_prompt="a photo of sks dog", num_repeats=3))
+        load_train_data(data_cfg(tmp_path / "inst"))
+    data = load_train_data(data_cfg(tmp_path / "inst", instance_prompt="a photo of sks dog", num_repeats=3))
     assert data.kind == "dreambooth" and len(data.examples) == 6
     assert {e.caption for e in data.examples} == {"a photo of sks dog"}
     (tmp_path / "empty").mkdir()
@@ -118,7 +108,7 @@ def test_dreambooth_folder_and_detection(tmp_path):
 
 
 def test_kohya_repeats_override(tmp_path):
-    _img(tmp_path / "10_sks dog" / "a.png")
+    img(tmp_path / "10_sks dog" / "a.png")
     assert len(load_kohya_folder(tmp_path)) == 10
     assert len(load_kohya_folder(tmp_path, num_repeats=2)) == 2
 
@@ -140,7 +130,7 @@ def test_listing_without_verifying_opens_no_image(tmp_path, layout):
         (folder / name).write_bytes(b"not an image")
     if layout == "imagefolder":
         (root / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", "text": "y"}\n')
-    cfg = _cfg(root, **over)
+    cfg = data_cfg(root, **over)
     listed = load_train_data(cfg, verify=False)
     assert len(listed.examples) == (8 if layout == "kohya" else 2) and listed.kind == layout
     with pytest.raises(DatasetError, match="without checking its images"):

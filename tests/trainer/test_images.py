@@ -2,22 +2,12 @@
 
 import numpy as np
 import pytest
+from builders import data_cfg, img
 from PIL import Image
 
-from trainer.config import build_train_config
 from trainer.dataset_layouts import DatasetError
 from trainer.images import load_image, make_buckets, nearest_bucket
 from trainer.train_data import load_train_data
-
-
-def _img(path, size=(16, 16), color=(200, 0, 0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def _cfg(dataset, **over):
-    return build_train_config({"base_model": "builtin:tiny-sd", "dataset": str(dataset), "resolution": 64, **over})
 
 
 def test_load_image_crops_and_scales(tmp_path):
@@ -39,11 +29,11 @@ def test_unreadable_image_error_names_it(tmp_path):
 
 def test_corrupt_image_fails_or_is_skipped(tmp_path):
     sub = tmp_path / "2_sks dog"
-    _img(sub / "good.png")
+    img(sub / "good.png")
     (sub / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(DatasetError, match="cannot read image .*broken.png.*on_bad_image: skip"):
-        load_train_data(_cfg(tmp_path))
-    data = load_train_data(_cfg(tmp_path, on_bad_image="skip"))
+        load_train_data(data_cfg(tmp_path))
+    data = load_train_data(data_cfg(tmp_path, on_bad_image="skip"))
     assert [e.image_path.name for e in data.examples] == ["good.png", "good.png"]
 
 
@@ -61,10 +51,10 @@ def test_buckets_are_kohya_style():
 
 def test_bucketed_data_and_image_shapes(tmp_path):
     sub = tmp_path / "1_x y"
-    _img(sub / "wide.png", (128, 64))
-    _img(sub / "tall.png", (64, 128))
-    _img(sub / "square.png", (80, 80))
-    cfg = _cfg(tmp_path, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
+    img(sub / "wide.png", (128, 64))
+    img(sub / "tall.png", (64, 128))
+    img(sub / "square.png", (80, 80))
+    cfg = data_cfg(tmp_path, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
     data = load_train_data(cfg)
     sizes = {p.name: s for p, s in data.target_sizes(cfg).items()}
     assert sizes == {"wide.png": (96, 32), "tall.png": (32, 96), "square.png": (64, 64)}
@@ -76,10 +66,10 @@ def test_target_sizes_follow_the_asking_config_without_opening_images(tmp_path):
     """Data read once answers for another resolution or bucket setting (a searched one) from the
     raw sizes it recorded, even after the files are gone."""
     sub = tmp_path / "1_x y"
-    _img(sub / "wide.png", (128, 64))
-    data = load_train_data(_cfg(tmp_path))
+    img(sub / "wide.png", (128, 64))
+    data = load_train_data(data_cfg(tmp_path))
     assert data.images[sub / "wide.png"].size == (128, 64)
     (sub / "wide.png").unlink()
-    assert data.target_sizes(_cfg(tmp_path, resolution=32)) == {sub / "wide.png": (32, 32)}
-    bucketed = _cfg(tmp_path, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
+    assert data.target_sizes(data_cfg(tmp_path, resolution=32)) == {sub / "wide.png": (32, 32)}
+    bucketed = data_cfg(tmp_path, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
     assert data.target_sizes(bucketed) == {sub / "wide.png": (96, 32)}

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
+from builders import small_kohya_dataset
 
 from trainer.config import TrainConfigError, build_train_config
 from trainer.dataset_layouts import DatasetError
@@ -16,17 +16,6 @@ from trainer.loop import LoraTrainer
 from trainer.preparation import prepare
 
 TIMESTAMPS = ("ss_training_finished_at", "modelspec.date")
-
-
-def _dataset(root, n=3):
-    sub = root / "2_sks circle"
-    sub.mkdir(parents=True)
-    for i in range(n):
-        im = Image.new("RGB", (64, 64), (40 * i, 120, 200))
-        im.paste((220, 30, 30), (8 + 4 * i, 8, 40, 40 + 4 * i))
-        im.save(sub / f"img_{i}.png")
-        (sub / f"img_{i}.txt").write_text(f"sks, a red square number {i}")
-    return root
 
 
 def _cfg(tiny_sd_dir, dataset, cache, **over):
@@ -38,7 +27,7 @@ def _cfg(tiny_sd_dir, dataset, cache, **over):
 @pytest.fixture(scope="module")
 def prepared_run(tiny_sd_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prep")
-    cfg = _cfg(tiny_sd_dir, _dataset(tmp / "data"), tmp / "cache")
+    cfg = _cfg(tiny_sd_dir, small_kohya_dataset(tmp / "data"), tmp / "cache")
     return cfg, prepare(cfg, device="cpu")
 
 
@@ -61,7 +50,7 @@ def test_same_losses_with_and_without_prepared(prepared_run):
 
 
 def test_trainer_from_prepared_never_reads_the_dataset(tiny_sd_dir, tmp_path):
-    cfg = _cfg(tiny_sd_dir, _dataset(tmp_path / "data"), tmp_path / "cache")
+    cfg = _cfg(tiny_sd_dir, small_kohya_dataset(tmp_path / "data"), tmp_path / "cache")
     prepared = prepare(cfg, device="cpu")
     # Cache keys come from the prepared fingerprints, not from fingerprinting the modules again.
     other = dataclasses.replace(prepared, vae_fingerprint="0" * 64, text_encoder_fingerprint="1" * 64)
