@@ -8,11 +8,15 @@ import torch
 
 from evaluator.clip_model import ClipModel, validate_images
 from evaluator.metrics import (
+    DEFAULT_OBJECTIVE_WEIGHTS,
     OBJECTIVE_COMPONENTS,
     TORCHMETRICS_SCALE,
+    ObjectiveWeights,
     clip_i,
+    clip_i_per_image,
     clip_t,
     composite_objective,
+    paired_cosine,
     prior_preservation,
     trigger_effect,
 )
@@ -54,7 +58,8 @@ def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: tor
     clip_score_<kind> for each kind present, per_image (CLIP-T of every item), clip_i (over the
     concept images: natural, new_setting, trigger_on), prior_preservation, trigger_effect
     (None when their inputs are missing), objective with objective_terms/objective_skipped
-    (see `composite_objective`).
+    (see `composite_objective`), and objective_items: the objective split over the items (their
+    mean is the objective; see `objective_items`).
     """
     check_items(items, image_emb.shape[0])
     per_image = clip_t(image_emb, text_emb, scale=scale)
@@ -87,7 +92,35 @@ def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: tor
     obj = composite_objective(comp, weights)
     out.update(objective=obj["objective"], objective_terms=obj["terms"],
                objective_skipped=obj["skipped"])
+    per_item = {"clip_score": (main, per_image[main])}
+    if out["clip_i"] is not None:
+        per_item["clip_i"] = (concept, clip_i_per_image(image_emb[concept], train_emb))
+    if out["prior_preservation"] is not None:
+        per_item["prior_preservation"] = (none, paired_cosine(image_emb[none], base_emb))
+    if on:
+        per_item["trigger_effect"] = (on, per_image[on] - per_image[off])
+    out["objective_items"] = objective_items(len(items), per_item, obj["terms"], weights)
     return out
+
+
+def objective_items(n_items: int, per_item: dict[str, tuple[list[int], torch.Tensor]],
+                    terms: dict[str, float], weights: dict[str, float] | None) -> list[float]:
+    """The composite objective split over the suite's items, so that their mean is the objective.
+
+    per_item: for each component, (the items it is averaged over, the value of each); a component
+    over k of the n items gives each of them weight x value x n / k (the trigger effect goes to the
+    trigger_on item of each with/without pair). Items are the same prompt and seed in every trial
+    of a sweep, so two trials' lists compare item by item (the paired test of the wilcoxon pruner).
+    """
+    if isinstance(weights, ObjectiveWeights):
+        weights = weights.as_dict()
+    weights = dict(DEFAULT_OBJECTIVE_WEIGHTS if weights is None else weights)
+    values = torch.zeros(n_items, dtype=torch.float64)
+    for key, (where, v) in per_item.items():
+        if key not in terms or not where:  # weight 0: the objective leaves it out too
+            continue
+        values[where] += weights[key] * v.to(torch.float64) * (n_items / len(where))
+    return [float(x) for x in values]
 
 
 def evaluate_suite(model: ClipModel, items: list[SuiteItem], images: np.ndarray,

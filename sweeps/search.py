@@ -132,6 +132,17 @@ def load_pruned(study_dir: Path) -> dict[str, int]:
     return {k: v["step"] for k, v in json.loads(path.read_text()).items()}
 
 
+# Items per evaluation that paired reporting allows (an eval suite is prompts x seeds, far fewer).
+MAX_ITEMS = 1_000_000
+
+
+def paired_step(step: int, item: int) -> int:
+    """The Optuna step of item `item` of the evaluation at training step `step` (wilcoxon pruning)."""
+    if not 0 <= item < MAX_ITEMS:
+        raise ValueError(f"item index {item} outside [0, {MAX_ITEMS})")
+    return step * MAX_ITEMS + item
+
+
 class SweepOptunaSearch(OptunaSearch):
     """OptunaSearch with the study in the sweep's storage and holding `pruner` (None: no pruning),
     intermediate values at `step`, initial configs enqueued once per study, and trials a
@@ -182,7 +193,13 @@ class SweepOptunaSearch(OptunaSearch):
     def report_intermediate(self, trial_id: str, result: dict) -> int | None:
         """Report the objective to the Optuna trial at the result's `step` (the trainable's
         training step; `training_iteration` when absent). Returns the step when this is a new
-        value, None when the result carries no objective or repeats a step (a restored trial)."""
+        value, None when the result carries no objective or repeats a step (a restored trial).
+
+        With a WilcoxonPruner and a result holding `<metric>_items` (the objective split over the
+        suite's prompt x seed items, see evaluator.score.objective_items), each item is reported
+        at its own Optuna step, `paired_step(step, i)`: the pruner then compares a trial with the
+        best one item by item, at the same training steps, as its signed-rank test intends.
+        """
         if self.is_multi_objective or trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return None
         value = result.get(self.metric)
@@ -191,7 +208,12 @@ class SweepOptunaSearch(OptunaSearch):
         step = int(result.get("step", result.get(TRAINING_ITERATION, 0)))
         if step <= self._last_step.get(trial_id, -1):
             return None
-        self._ot_trials[trial_id].report(float(value), step)
+        items = result.get(f"{self.metric}_items")
+        if items and isinstance(self._ot_study.pruner, optuna.pruners.WilcoxonPruner):
+            for i, item in enumerate(items):
+                self._ot_trials[trial_id].report(float(item), paired_step(step, i))
+        else:
+            self._ot_trials[trial_id].report(float(value), step)
         self._last_step[trial_id] = step
         return step
 

@@ -15,13 +15,14 @@ from pydantic import BaseModel, ValidationError
 from evaluator.metrics import OBJECTIVE_COMPONENTS, REPORTED_METRICS, ObjectiveWeights
 from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
 from sweeps.spec_schema import EvalSpec, ObjectiveSpec, ParamSpace, PrunerSpec, ResourcesSpec, SearchSpec, SweepSpec, search_order
+from toyworld.lora_task import HELDOUT_METRICS
 from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, TrainConfigError, format_validation_error
 from trainer.validation import VALIDATION_METRICS
 
 # What a trial reports and an objective may name: the training loss, the evaluator's scores, the
 # trainer's validation loss and, with `eval.oracle: toy_world`, the oracle's.
-TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS)
+TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS, *HELDOUT_METRICS)
 
 
 def space_problems(spec: SweepSpec) -> list[str]:
@@ -105,7 +106,7 @@ def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> lis
             out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(TRIAL_METRICS)}")
         if o.metric in seen:
             out.append(f"{path}: {o.metric!r} is listed twice")
-        if o.metric in ORACLE_METRICS and _eval_oracle(spec) is None:
+        if o.metric in (*ORACLE_METRICS, *HELDOUT_METRICS) and _eval_oracle(spec) is None:
             out.append(f"{path}: {o.metric!r} comes from the toy world's pixel oracle; set eval.oracle: "
                        "toy_world (built-in toy world only) or optimise a CLIP metric such as objective")
         seen.add(o.metric)

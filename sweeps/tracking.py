@@ -62,7 +62,8 @@ class TrialTracker:
         import wandb
 
         samples = [wandb.Image(im, caption=f"{p} (seed {s})") for im, p, s in zip(images, prompts, seeds)]
-        self.run.log({**metrics, "eval_samples": samples}, step=int(metrics["step"]))
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # not the per-item lists
+        self.run.log({**scalars, "eval_samples": samples}, step=int(metrics["step"]))
 
     def finish(self) -> None:
         self.run.finish()

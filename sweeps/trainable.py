@@ -26,6 +26,7 @@ from sweeps.results import BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, S
 from sweeps.sample_grids import save_grid
 from sweeps.suite_scoring import make_suite_scorer
 from sweeps.trial_plan import TrialPlan
+from toyworld.lora_task import heldout_scores
 from toyworld.oracle import oracle_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfigError
@@ -66,7 +67,8 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
             images = trainer.sample(prompts, seeds)
             scores = scorer(images, prompts)
             if plan.oracle == "toy_world":  # exact scores that only the toy world has
-                scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word)}
+                scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
+                          **heldout_scores(trainer.sample, plan.trigger_word)}
             metrics = _metrics(trainer, history, scores, resumed_from)
             if tracker:
                 tracker.log_evaluation(metrics, images, prompts, seeds)
@@ -114,6 +116,8 @@ def _metrics(trainer: LoraTrainer, history: list[dict], scores: dict, resumed_fr
         "images_per_sec": float(np.median([h["images_per_sec"] for h in history])),
         "resumed_from_step": resumed_from,
         **{k: float(v) for k, v in scores.items() if np.isscalar(v)},
+        # The objective split over the suite's items (prompt x seed): the wilcoxon pruner's paired test.
+        **({"objective_items": scores["objective_items"]} if "objective_items" in scores else {}),
     }
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from toyworld.oracle import oracle_metrics
 from toyworld.world import BACKGROUNDS, HELD_OUT_COLOR, KNOWN_COLORS, SHAPES, caption, draw, random_scene
 
 TRIGGER = "lswsks"
@@ -121,3 +123,22 @@ def judge_prompts(seeds: tuple[int, ...] = HELD_OUT_SEEDS, trigger: str = TRIGGE
     prior = [caption(c, s) for c in KNOWN_COLORS for s in SHAPES][::2]
     pairs = [(p, s) for p in concept + prior for s in seeds]
     return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+# What `heldout_scores` reports: the oracle on prompts and seeds that no sweep evaluates on.
+HELDOUT_METRICS = ("heldout_concept_accuracy", "heldout_prior_accuracy", "heldout_score")
+
+
+def heldout_scores(sample: Callable[[list[str], list[int]], np.ndarray], trigger: str = TRIGGER,
+                   seeds: tuple[int, ...] = HELD_OUT_SEEDS) -> dict[str, float]:
+    """The exact oracle on `judge_prompts` (held-out seeds): `sample(prompts, seeds)` draws them.
+
+    heldout_score is the mean of the concept and prior accuracies: a LoRA must both bring the new
+    colour with the trigger word and keep the known colours without it (the base model scores
+    about 0.4, drawing no concept; a LoRA that paints everything cyan scores about 0.5).
+    """
+    prompts, seeds = judge_prompts(seeds, trigger)
+    m = oracle_metrics(sample(prompts, seeds), prompts, trigger)
+    concept, prior = m["concept_accuracy"], m["prior_accuracy"]
+    return {"heldout_concept_accuracy": concept, "heldout_prior_accuracy": prior,
+            "heldout_score": (concept + prior) / 2}

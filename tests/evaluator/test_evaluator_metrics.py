@@ -229,6 +229,35 @@ def test_suite_metrics_equal_independent_computation():
         suite_metrics([SuiteItem("bogus", "x", 0)], t(img[:1]), t(txt[:1]))
 
 
+def test_objective_items_split_the_objective_item_by_item():
+    rng = np.random.default_rng(5)
+    kinds = ["natural"] * 2 + ["no_concept"] * 2 + ["trigger_on"] * 2 + ["trigger_off"] * 2
+    items = [SuiteItem(k, f"p{i}", i) for i, k in enumerate(kinds)]
+    img, txt = rng.normal(size=(8, 16)), rng.normal(size=(8, 16))
+    txt += img * 1.5
+    base, train = rng.normal(size=(2, 16)), rng.normal(size=(3, 16))
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    weights = {"clip_score": 1.0, "clip_i": 10.0, "prior_preservation": 5.0, "trigger_effect": 0.5}
+    out = suite_metrics(items, t(img), t(txt), t(base), t(train), weights=weights)
+
+    clip = [100 * max(_cos(a, b), 0.0) for a, b in zip(img, txt)]
+    want = np.zeros(8)
+    for i in range(4):  # clip_score over natural + no_concept: 4 of 8 items
+        want[i] += 1.0 * clip[i] * 8 / 4
+    for i in (0, 1, 4, 5):  # clip_i over the concept images (natural, trigger_on)
+        want[i] += 10.0 * np.mean([_cos(img[i], r) for r in train]) * 8 / 4
+    for j in range(2):  # prior preservation, paired with the base image of the same prompt and seed
+        want[2 + j] += 5.0 * _cos(img[2 + j], base[j]) * 8 / 2
+        want[4 + j] += 0.5 * (clip[4 + j] - clip[6 + j]) * 8 / 2  # trigger effect, on the trigger_on item
+    assert out["objective_items"] == pytest.approx(list(want), abs=1e-3)
+    assert np.mean(out["objective_items"]) == pytest.approx(out["objective"], abs=1e-4)
+
+    # A weight of 0 leaves the component out of the items as it does out of the objective.
+    out0 = suite_metrics(items, t(img), t(txt), t(base), t(train), weights={**weights, "clip_i": 0.0})
+    assert np.mean(out0["objective_items"]) == pytest.approx(out0["objective"], abs=1e-4)
+    assert out0["objective_items"][6] == 0.0 and out0["objective_items"][0] != pytest.approx(want[0])
+
+
 def test_clip_t_of_suite_texts_is_what_suite_metrics_uses():
     items = [SuiteItem("natural", "sks, a red circle", 0)]
     emb = torch.eye(4)[:1]

@@ -373,3 +373,49 @@ def test_wilcoxon_needs_scipy():
             parse_spec(data, "t")
     else:
         assert isinstance(make_pruner(parse_spec(data, "t")), optuna.pruners.WilcoxonPruner)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="WilcoxonPruner needs scipy")
+def test_wilcoxon_compares_trials_item_by_item_at_the_same_training_step(tmp_path):
+    """With `objective_items` in the results, the wilcoxon pruner sees every prompt x seed item at
+    its own Optuna step: a trial that is worse on most items than the best trial at the same
+    training step is pruned, though its mean alone (one number per step) could never reach a
+    signed-rank test's significance; the decisions are those of plain Optuna on the same items."""
+    from sweeps.search import paired_step
+
+    data = _spec({"type": "wilcoxon", "options": {"p_threshold": 0.1, "n_startup_steps": 0}}).model_dump()
+    data["objective"] = {"metric": "objective", "mode": "max"}
+    spec = parse_spec(data, "t")
+    alg = make_search_alg(spec, tmp_path, pruner=make_pruner(spec))
+    controller, sched = SimpleNamespace(search_alg=alg), make_scheduler(spec)
+    rng = random.Random(0)
+    base = [rng.uniform(20, 40) for _ in range(24)]
+    curves = {"best": [0.0] * 24, "worse": [-1.0 + rng.uniform(-0.3, 0.3) for _ in range(24)],
+              "tied": [rng.uniform(-1.0, 1.0) for _ in range(24)]}
+    plain = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
+    decisions, expected = {}, {}
+    for tid, shift in curves.items():
+        alg.suggest(tid)
+        twin = plain.ask()
+        for step in (10, 20, 30):
+            items = [b + s + step / 10 for b, s in zip(base, shift)]
+            result = {"step": step, "max_train_steps": 50, "objective": sum(items) / len(items),
+                      "objective_items": items, "training_iteration": step // 10}
+            decision = sched.on_trial_result(controller, SimpleNamespace(trial_id=tid), result)
+            for i, v in enumerate(items):
+                twin.report(v, paired_step(step, i))
+            expected.setdefault(tid, []).append(twin.should_prune())
+            decisions.setdefault(tid, []).append(decision == "STOP")
+            if decision == "STOP":
+                alg.on_trial_complete(tid, result)
+                plain.tell(twin, state=TrialState.PRUNED)
+                break
+            alg.on_trial_result(tid, result)
+        else:
+            alg.on_trial_complete(tid, result)
+            plain.tell(twin, result["objective"])
+    assert decisions == expected
+    assert decisions["worse"] == [True] and decisions["tied"] == [False, False, False]
+    study = load_study(tmp_path, spec.name)
+    worse = next(t for t in study.trials if t.state == TrialState.PRUNED)
+    assert sorted(worse.intermediate_values) == [paired_step(10, i) for i in range(24)]
