@@ -1,0 +1,436 @@
+"""Does the sweep pick the right LoRA? Measured on the toy world, whose exact oracle knows the truth.
+
+    .venv/bin/python bench/sweep_quality.py grid      # the grid truth: a real sweep (resumable), ~1 h here
+    .venv/bin/python bench/sweep_quality.py table     # its learning curves -> bench/sweep_quality/grid_table.json
+    .venv/bin/python bench/sweep_quality.py cost      # one evaluation's cost in training steps
+    .venv/bin/python bench/sweep_quality.py replay    # every strategy x sampler seed on the table (seconds each)
+    .venv/bin/python bench/sweep_quality.py real      # real sweeps on Ray Tune must decide as their replays
+    .venv/bin/python bench/sweep_quality.py figures   # figures, Spearman table and the PNG
+
+The grid (bench/sweep_quality/grid.yaml) trains every configuration of learning rate x rank x lr
+scheduler with 3 training seeds to the demo's full budget, and records every evaluation: the
+CLIP objective and its components, val_loss, and the oracle on held-out seeds (heldout_score).
+Sweeps over the same values are replayed on that table (bench/sweep_replay.py): the project's
+searcher and scheduler decide, the trainable is a lookup. Compute is counted in training steps:
+the steps a trial trained plus `eval_cost` steps per evaluation it ran (the `cost` command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+HERE = ROOT / "bench" / "sweep_quality"
+GRID_SPEC = HERE / "grid.yaml"
+TABLE = HERE / "grid_table.json"
+COST = HERE / "eval_cost.json"
+REPLAYS = HERE / "replays.json"
+REAL = HERE / "real_vs_replay.json"
+FIGURES = HERE / "figures.json"
+PNG = HERE / "sweep_quality.png"
+SEARCHED = ("learning_rate", "rank", "lr_scheduler")
+BUDGETS = (0.10, 0.25, 0.50)  # fractions of the grid's compute (every configuration once, to the end)
+TRAINING_SEEDS = 3
+SAMPLER_SEEDS = 10
+
+# Strategy name -> (sampler, pruner). Pruner options: the project's defaults (first rung = one
+# evaluation interval) with a reduction factor of 2 for the halving family.
+STRATEGIES = {
+    "tpe+median": ("tpe", {"type": "median", "options": {"n_startup_trials": 3}}),
+    "tpe+wilcoxon": ("tpe", {"type": "wilcoxon", "options": {"p_threshold": 0.1}}),
+    "tpe+successive_halving": ("tpe", {"type": "successive_halving", "options": {"reduction_factor": 2}}),
+    "tpe+hyperband": ("tpe", {"type": "hyperband", "options": {"reduction_factor": 2}}),
+    "tpe+asha": ("tpe", {"type": "asha", "options": {"reduction_factor": 2}}),
+    "random+asha": ("random", {"type": "asha", "options": {"reduction_factor": 2}}),
+    "tpe (no pruning)": ("tpe", {"type": "none"}),
+    "random (no pruning)": ("random", {"type": "none"}),
+}
+# Metrics compared with the oracle (sign: +1 higher is better, -1 lower is better).
+RANKED_METRICS = {"objective": 1, "clip_score": 1, "clip_i": 1, "prior_preservation": 1, "trigger_effect": 1,
+                  "val_loss": -1, "loss": -1, "cmmd": -1, "clip_kid": -1, "clip_fd": -1, "diversity": 1,
+                  "concept_accuracy": 1, "prior_accuracy": 1}
+
+
+# --------------------------------------------------------------------------- the grid and its table
+
+def grid_spec():
+    from sweeps.spec import load_spec
+
+    return load_spec(GRID_SPEC, [])
+
+
+def run_grid() -> None:
+    from sweeps.run import main as run_main
+
+    start = time.perf_counter()
+    code = run_main(["--space", str(GRID_SPEC)])
+    print(f"grid sweep finished with exit code {code} after {time.perf_counter() - start:.0f} s (this run)")
+
+
+def make_table() -> dict:
+    """Every grid trial's results, from its Ray Tune trial folder (result.json, one line per report)."""
+    from sweeps.results import experiment_path
+
+    spec = grid_spec()
+    runs = []
+    for folder in sorted(Path(experiment_path(spec)).glob("train_trial_*")):
+        results = [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
+        params = json.loads((folder / "params.json").read_text())
+        keep = [{k: v for k, v in r.items() if isinstance(v, (int, float, list)) and k not in ("timestamp", "pid")}
+                for r in results]
+        runs.append({"params": {k: params[k] for k in SEARCHED}, "seed": params["seed"], "results": keep})
+    complete = [r for r in runs if r["results"] and r["results"][-1]["step"] >= r["results"][-1]["max_train_steps"]]
+    table = {"spec": str(GRID_SPEC.relative_to(ROOT)), "interval": spec.eval.interval,
+             "max_train_steps": spec.fixed()["max_train_steps"], "runs": complete,
+             "wall_s": sum(r["results"][-1]["time_total_s"] for r in complete)}
+    TABLE.write_text(json.dumps(table, indent=None, separators=(",", ":")) + "\n")
+    print(f"{len(complete)} complete runs of {len(runs)} in {TABLE} ({TABLE.stat().st_size / 1e6:.1f} MB); "
+          f"trial wall time in all {table['wall_s'] / 60:.1f} min")
+    return table
+
+
+def load_table() -> dict:
+    return json.loads(TABLE.read_text())
+
+
+def key(params: dict, seed: int) -> tuple:
+    return (float(params["learning_rate"]), int(params["rank"]), str(params["lr_scheduler"]), int(seed))
+
+
+# --------------------------------------------------------------------------- evaluation cost
+
+def measure_cost(repeats: int = 3) -> dict:
+    """One evaluation as a sweep runs it (sample the suite, score it, val_loss) against 100 training
+    steps, in one process at one thread, alternating; the held-out oracle images are left out (only
+    this benchmark draws them)."""
+    import torch
+
+    from sweeps.suite_scoring import make_suite_scorer
+    from sweeps.trial_plan import build_plan
+    from trainer.loop import LoraTrainer
+
+    torch.set_num_threads(1)
+    spec = grid_spec()
+    plan = build_plan(spec, GRID_SPEC, local=True)
+    params = {"learning_rate": 3e-3, "rank": 2, "lr_scheduler": "constant", "seed": 0}
+    trainer = LoraTrainer.build(plan.train_config(params), prepared=plan.prepared)
+    scorer = make_suite_scorer(plan, trainer)
+    train_s, eval_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        trainer.train(spec.eval.interval)
+        t1 = time.perf_counter()
+        images = trainer.sample(plan.prompts, plan.seeds)
+        scorer(images, plan.prompts)
+        trainer.validation_loss()
+        t2 = time.perf_counter()
+        train_s.append(t1 - t0)
+        eval_s.append(t2 - t1)
+    step_s = statistics.median(train_s) / spec.eval.interval
+    out = {"step_s": step_s, "eval_s": statistics.median(eval_s), "eval_cost_steps": statistics.median(eval_s) / step_s,
+           "train_s": train_s, "eval_s_all": eval_s, "images_per_eval": len(plan.prompts)}
+    COST.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def trial_cost(results: list[dict], eval_cost: float) -> float:
+    return float(results[-1]["step"]) + len(results) * eval_cost
+
+
+def grid_compute(table: dict, eval_cost: float) -> float:
+    """Every configuration trained once to the end: what an exhaustive grid search costs."""
+    n_configs = len({key(r["params"], 0) for r in table["runs"]})
+    full = table["max_train_steps"] + (table["max_train_steps"] // table["interval"]) * eval_cost
+    return n_configs * full
+
+
+# --------------------------------------------------------------------------- replays
+
+def sweep_spec(strategy: str, sampler_seed: int, num_trials: int = 500):
+    """The sweep a user would run over the grid's values, at one training seed (seed % 3)."""
+    from sweeps.spec import parse_spec
+
+    sampler, pruner = STRATEGIES[strategy]
+    data = yaml.safe_load(GRID_SPEC.read_text())
+    data["space"].pop("seed")
+    data["train"]["seed"] = sampler_seed % TRAINING_SEEDS
+    data["eval"]["suite"] = str((HERE / data["eval"]["suite"]).resolve())
+    name = strategy.replace("+", "-").replace(" (no pruning)", "-nopruning")
+    data.update(name=f"sq-{name}-{sampler_seed}", pruner=pruner, export={"top_k": 1},
+                search={"sampler": sampler, "num_trials": num_trials, "max_concurrent": 1, "seed": sampler_seed})
+    return parse_spec(data, f"{GRID_SPEC} ({strategy}, sampler seed {sampler_seed})")
+
+
+def lookup_for(table: dict, training_seed: int):
+    curves = {key(r["params"], r["seed"]): r["results"] for r in table["runs"]}
+
+    def lookup(config: dict) -> list[dict]:
+        return curves[key(config, training_seed)]
+
+    return lookup
+
+
+def replay_one(table: dict, strategy: str, sampler_seed: int, eval_cost: float, max_fraction: float,
+               num_trials: int = 500) -> list[dict]:
+    from sweep_replay import replay
+
+    spec = sweep_spec(strategy, sampler_seed, num_trials)
+    limit = max_fraction * grid_compute(table, eval_cost)
+    spent = lambda runs: sum(trial_cost(r.results, eval_cost) for r in runs)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = replay(spec, lookup_for(table, sampler_seed % TRAINING_SEEDS), Path(tmp), lambda done: spent(done) < limit)
+    out, total = [], 0.0
+    for r in runs:
+        total += trial_cost(r.results, eval_cost)
+        budget = r.results[-1]["max_train_steps"]
+        out.append({"config": {k: r.config[k] for k in SEARCHED}, "steps": [x["step"] for x in r.results],
+                    "objective": [x[spec.primary.metric] for x in r.results],
+                    "heldout_score": [x["heldout_score"] for x in r.results],
+                    "pruned": r.stopped and r.last_step < budget, "compute_end": total})
+    return out
+
+
+def run_replays(table: dict, eval_cost: float) -> dict:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per replay, not per trial
+    out = {}
+    for strategy in STRATEGIES:
+        for s in range(SAMPLER_SEEDS):
+            t0 = time.perf_counter()
+            out[f"{strategy}|{s}"] = replay_one(table, strategy, s, eval_cost, max(BUDGETS))
+            print(f"{strategy:<24} seed {s}: {len(out[f'{strategy}|{s}'])} trials, {time.perf_counter() - t0:.1f} s", flush=True)
+    REPLAYS.write_text(json.dumps(out) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- real sweeps vs replays
+
+def run_real(table: dict, eval_cost: float, num_trials: int, strategies: list[str]) -> dict:
+    """Per strategy, a real sweep (Ray Tune, real training, one trial at a time) at sampler seed 0:
+    the same configs in the same order, pruned at the same steps, as its replay."""
+    from sweeps.results import load_records
+    from sweeps.search import RAY_TRIAL_ATTR, load_study
+    from sweeps.trial_plan import build_plan
+    from sweeps.tuner import run_sweep
+
+    out = json.loads(REAL.read_text()) if REAL.exists() else {}
+    for strategy in strategies:
+        spec = sweep_spec(strategy, 0, num_trials)
+        data = spec.model_dump()
+        data["storage"] = str(ROOT / ".cache" / "sweep_quality_real")
+        from sweeps.spec import parse_spec
+
+        spec = parse_spec(data, f"{GRID_SPEC} ({strategy}, real)")
+        t0 = time.perf_counter()
+        run_sweep(spec, build_plan(spec, GRID_SPEC, local=False))
+        number = {t.user_attrs[RAY_TRIAL_ATTR]: t.number for t in load_study(Path(spec.output_dir) / "study", spec.name).trials}
+        rows = sorted(load_records(spec), key=lambda r: number[r.row.trial_id])  # in the order they were proposed
+        real = [{"config": {k: r.row.params[k] for k in SEARCHED}, "steps": r.row.steps, "state": r.row.state,
+                 "objective": r.result.metrics.get("objective")} for r in rows]
+        replayed = replay_one(table, strategy, 0, eval_cost, 10.0, num_trials)
+        want = [{"config": r["config"], "steps": r["steps"][-1], "state": "pruned" if r["pruned"] else "complete",
+                 "objective": r["objective"][-1]} for r in replayed]
+        same = [(a["config"], a["steps"], a["state"]) == (b["config"], b["steps"], b["state"]) for a, b in zip(real, want)]
+        out[strategy] = {"real": real, "replay": want, "same_decisions": all(same) and len(real) == len(want),
+                         "max_objective_diff": max(abs(a["objective"] - b["objective"]) for a, b in zip(real, want)),
+                         "wall_s": time.perf_counter() - t0}
+        print(f"{strategy}: same trials and decisions: {out[strategy]['same_decisions']} "
+              f"(objective differs by at most {out[strategy]['max_objective_diff']:.2e}); "
+              f"{out[strategy]['wall_s']:.0f} s", flush=True)
+        REAL.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+
+def spearman(x: list[float], y: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def final(results: list[dict]) -> dict:
+    return results[-1]
+
+
+def grid_figures(table: dict) -> dict:
+    """The grid's best, score stability and each metric's rank agreement with the oracle."""
+    by_config: dict[tuple, list[dict]] = {}
+    for r in table["runs"]:
+        by_config.setdefault(key(r["params"], 0)[:3], []).append(final(r["results"]))
+    held = {c: float(np.mean([f["heldout_score"] for f in fs])) for c, fs in by_config.items()}
+    best_config = max(held, key=held.get)
+    obj = {c: [f["objective"] for f in fs] for c, fs in by_config.items()}
+    means = np.array([np.mean(v) for v in obj.values()])
+    gaps = np.abs(means[:, None] - means[None, :])[np.triu_indices(len(means), 1)]
+    corr = {}
+    for metric, sign in RANKED_METRICS.items():
+        if not all(metric in f for fs in by_config.values() for f in fs):
+            continue
+        configs = list(by_config)
+        corr[metric] = {
+            "configs": spearman([sign * np.mean([f[metric] for f in by_config[c]]) for c in configs], [held[c] for c in configs]),
+            "runs": spearman([sign * f[metric] for r in table["runs"] for f in [final(r["results"])]],
+                             [final(r["results"])["heldout_score"] for r in table["runs"]]),
+        }
+    return {"grid_best": held[best_config], "best_config": list(best_config), "heldout_by_config":
+            {"|".join(map(str, c)): v for c, v in sorted(held.items(), key=lambda kv: -kv[1])},
+            "objective_seed_std_median": float(np.median([np.std(v) for v in obj.values()])),
+            "objective_gap_median": float(np.median(gaps)), "spearman": corr}
+
+
+def winner(runs: list[dict], limit: float) -> dict | None:
+    """What the sweep exports within `limit` compute: the best checkpoint (any evaluation of any
+    trial that ended by then) by the objective."""
+    best = None
+    for r in runs:
+        if r["compute_end"] > limit:
+            break
+        for obj, held, step in zip(r["objective"], r["heldout_score"], r["steps"]):
+            if best is None or obj > best["objective"]:
+                best = {"objective": obj, "heldout_score": held, "config": r["config"], "step": step}
+    return best
+
+
+def sweep_figures(table: dict, replays: dict, eval_cost: float, grid: dict) -> dict:
+    total, best = grid_compute(table, eval_cost), grid["grid_best"]
+    full = {key(r["params"], r["seed"]): final(r["results"])["heldout_score"] for r in table["runs"]}
+    out = {}
+    for strategy in STRATEGIES:
+        seeds = [s for s in range(SAMPLER_SEEDS) if f"{strategy}|{s}" in replays]
+        per = {f: [] for f in BUDGETS}
+        within = {0.01: [], 0.02: []}
+        regret, false_rate, pruned_n = [], [], []
+        for s in seeds:
+            runs = replays[f"{strategy}|{s}"]
+            for f in BUDGETS:
+                w = winner(runs, f * total)
+                per[f].append(w["heldout_score"] / best if w else 0.0)
+            for tol in within:
+                need = next((r["compute_end"] / total for i, r in enumerate(runs)
+                             if (w := winner(runs[: i + 1], float("inf"))) and w["heldout_score"] >= (1 - tol) * best), None)
+                within[tol].append(need if need is not None else float("inf"))
+            w = winner(runs, 0.25 * total)
+            ended = [r for r in runs if r["compute_end"] <= 0.25 * total]
+            pruned = [r for r in ended if r["pruned"]]
+            beat = [r for r in pruned if w and full[key(r["config"], s % TRAINING_SEEDS)] > w["heldout_score"]]
+            regret.append(len(beat))
+            pruned_n.append(len(pruned))
+            false_rate.append(len(beat) / len(pruned) if pruned else 0.0)
+        out[strategy] = {
+            **{f"ratio@{int(f * 100)}%": {"median": float(np.median(v)), "worst": float(min(v))} for f, v in per.items()},
+            **{f"compute_to_{int(t * 100)}%": float(np.median(v)) for t, v in within.items()},
+            "pruning_regret@25%": {"median": float(np.median(regret)), "max": int(max(regret))},
+            "false_prune_rate@25%": float(np.mean(false_rate)), "pruned@25%": float(np.median(pruned_n)),
+            "sampler_seeds": len(seeds),
+        }
+    return out
+
+
+def curves_for_plot(table: dict, replays: dict, eval_cost: float) -> dict:
+    total = grid_compute(table, eval_cost)
+    xs = np.linspace(0.02, max(BUDGETS), 49)
+    out = {}
+    for strategy in STRATEGIES:
+        rows = []
+        for s in range(SAMPLER_SEEDS):
+            runs = replays.get(f"{strategy}|{s}")
+            if runs:
+                rows.append([(w["heldout_score"] if (w := winner(runs, x * total)) else np.nan) for x in xs])
+        out[strategy] = np.nanmedian(np.array(rows, float), axis=0) if rows else None
+    return {"x": xs, "lines": out}
+
+
+def plot(table: dict, replays: dict, eval_cost: float, grid: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = curves_for_plot(table, replays, eval_cost)
+    fig, (ax, tab) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.7, 1]})
+    for strategy, ys in data["lines"].items():
+        if ys is not None:
+            ax.plot(100 * data["x"], ys, label=strategy, lw=1.6, ls="--" if "no pruning" in strategy else "-")
+    ax.axhline(grid["grid_best"], color="k", lw=1, label="grid's best (mean of 3 seeds)")
+    ax.axhline(0.98 * grid["grid_best"], color="k", lw=0.6, ls=":", label="2% below it")
+    ax.set_xlabel("compute spent, % of the exhaustive grid (training steps + evaluations)")
+    ax.set_ylabel("exported winner's held-out oracle score (median over sampler seeds)")
+    ax.set_title("Best-so-far on the toy world")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    rows = [[m, f"{v['configs']:+.2f}", f"{v['runs']:+.2f}"] for m, v in grid["spearman"].items()]
+    tab.axis("off")
+    t = tab.table(cellText=rows, colLabels=["metric", "Spearman (24 configs)", "(72 runs)"], loc="center")
+    t.scale(1, 1.25)
+    tab.set_title("Rank agreement with the held-out oracle")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(grid: dict, sweeps: dict) -> str:
+    lines = [f"grid's best held-out oracle score: {grid['grid_best']:.3f} ({grid['best_config']})", "",
+             "| strategy | winner / best @10% | @25% | @50% | compute to within 2% | to 1% | pruned @25% | regret @25% |",
+             "|---|---|---|---|---|---|---|---|"]
+    def pct(x: float) -> str:
+        return "never (<50%)" if x == float("inf") else f"{100 * x:.0f}%"
+
+    for name, v in sweeps.items():
+        def cell(k: str, v=v) -> str:
+            return f"{v[k]['median']:.3f} (worst {v[k]['worst']:.3f})"
+
+        lines.append(f"| {name} | {cell('ratio@10%')} | {cell('ratio@25%')} | {cell('ratio@50%')} | "
+                     f"{pct(v['compute_to_2%'])} | {pct(v['compute_to_1%'])} | {v['pruned@25%']:.0f} | "
+                     f"{v['pruning_regret@25%']['median']:.0f} (max {v['pruning_regret@25%']['max']}) |")
+    lines += ["", "| metric | Spearman with the oracle, 24 configs (seed means) | 72 runs |", "|---|---|---|"]
+    lines += [f"| {m} | {v['configs']:+.2f} | {v['runs']:+.2f} |" for m, v in grid["spearman"].items()]
+    lines += ["", f"objective: median spread over training seeds (std) {grid['objective_seed_std_median']:.2f}, "
+              f"median gap between configurations {grid['objective_gap_median']:.2f}"]
+    return "\n".join(lines)
+
+
+def figures(table: dict, replays: dict, eval_cost: float) -> dict:
+    grid = grid_figures(table)
+    sweeps = sweep_figures(table, replays, eval_cost, grid)
+    out = {"eval_cost_steps": eval_cost, "grid_compute_steps": grid_compute(table, eval_cost), "grid": grid, "sweeps": sweeps}
+    FIGURES.write_text(json.dumps(out, indent=1) + "\n")
+    plot(table, replays, eval_cost, grid, PNG)
+    print(markdown(grid, sweeps))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["grid", "table", "cost", "replay", "real", "figures"])
+    p.add_argument("--real-trials", type=int, default=6, help="trials per real sweep (real)")
+    p.add_argument("--strategies", nargs="*", default=None, help="for real: which (default all with pruning)")
+    a = p.parse_args()
+    if a.command == "grid":
+        return run_grid()
+    if a.command == "table":
+        return make_table()
+    if a.command == "cost":
+        return measure_cost()
+    table, eval_cost = load_table(), json.loads(COST.read_text())["eval_cost_steps"]
+    if a.command == "replay":
+        run_replays(table, eval_cost)
+    elif a.command == "real":
+        run_real(table, eval_cost, a.real_trials, a.strategies or [s for s in STRATEGIES if "no pruning" not in s])
+    else:
+        figures(table, json.loads(REPLAYS.read_text()), eval_cost)
+
+
+if __name__ == "__main__":
+    main()
