@@ -172,8 +172,28 @@ def sweep_spec(strategy: str, sampler_seed: int, num_trials: int = 500):
     return parse_spec(data, f"{GRID_SPEC} ({strategy}, sampler seed {sampler_seed})")
 
 
-def lookup_for(table: dict, training_seed: int):
-    curves = {key(r["params"], r["seed"]): r["results"] for r in table["runs"]}
+# Objectives to replay: the composite with other weights (recomputed from the components each
+# evaluation recorded; only the default one has the per-item split the wilcoxon pruner pairs), or
+# the validation loss (negated: every sweep here maximises `objective`).
+VARIANTS = {
+    "default": None,
+    "no trigger_effect": {"clip_score": 1.0, "clip_i": 10.0, "prior_preservation": 10.0, "trigger_effect": 0.0},
+    "clip_i + prior": {"clip_score": 0.0, "clip_i": 10.0, "prior_preservation": 10.0, "trigger_effect": 0.0},
+    "-val_loss": "val_loss",
+}
+
+
+def with_objective(result: dict, variant: str) -> dict:
+    how = VARIANTS[variant]
+    if how is None:
+        return result
+    out = {k: v for k, v in result.items() if k != "objective_items"}
+    out["objective"] = -result["val_loss"] if how == "val_loss" else sum(w * result[k] for k, w in how.items())
+    return out
+
+
+def lookup_for(table: dict, training_seed: int, variant: str = "default"):
+    curves = {key(r["params"], r["seed"]): [with_objective(x, variant) for x in r["results"]] for r in table["runs"]}
 
     def lookup(config: dict) -> list[dict]:
         return curves[key(config, training_seed)]
@@ -182,14 +202,15 @@ def lookup_for(table: dict, training_seed: int):
 
 
 def replay_one(table: dict, strategy: str, sampler_seed: int, eval_cost: float, max_fraction: float,
-               num_trials: int = 500) -> list[dict]:
+               num_trials: int = 500, variant: str = "default") -> list[dict]:
     from sweep_replay import replay
 
     spec = sweep_spec(strategy, sampler_seed, num_trials)
     limit = max_fraction * grid_compute(table, eval_cost)
     spent = lambda runs: sum(trial_cost(r.results, eval_cost) for r in runs)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
-        runs = replay(spec, lookup_for(table, sampler_seed % TRAINING_SEEDS), Path(tmp), lambda done: spent(done) < limit)
+        lookup = lookup_for(table, sampler_seed % TRAINING_SEEDS, variant)
+        runs = replay(spec, lookup, Path(tmp), lambda done: spent(done) < limit)
     out, total = [], 0.0
     for r in runs:
         total += trial_cost(r.results, eval_cost)
@@ -201,16 +222,23 @@ def replay_one(table: dict, strategy: str, sampler_seed: int, eval_cost: float, 
     return out
 
 
-def run_replays(table: dict, eval_cost: float) -> dict:
+def run_replays(table: dict, eval_cost: float, variants: list[str]) -> dict:
+    """Every strategy x sampler seed for each objective variant (the wilcoxon pruner only with the
+    default objective: the others have no per-item split)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per replay, not per trial
-    out = {}
-    for strategy in STRATEGIES:
-        for s in range(SAMPLER_SEEDS):
-            t0 = time.perf_counter()
-            out[f"{strategy}|{s}"] = replay_one(table, strategy, s, eval_cost, max(BUDGETS))
-            print(f"{strategy:<24} seed {s}: {len(out[f'{strategy}|{s}'])} trials, {time.perf_counter() - t0:.1f} s", flush=True)
+    out = json.loads(REPLAYS.read_text()) if REPLAYS.exists() else {}
+    for variant in variants:
+        out[variant], t0 = {}, time.perf_counter()
+        for strategy in STRATEGIES:
+            if variant != "default" and "wilcoxon" in strategy:
+                continue
+            for s in range(SAMPLER_SEEDS):
+                t1 = time.perf_counter()
+                runs = out[variant][f"{strategy}|{s}"] = replay_one(table, strategy, s, eval_cost, max(BUDGETS), variant=variant)
+                print(f"{variant:<18} {strategy:<24} seed {s}: {len(runs)} trials, {time.perf_counter() - t1:.2f} s", flush=True)
+        print(f"{variant}: all replays in {time.perf_counter() - t0:.0f} s", flush=True)
     REPLAYS.write_text(json.dumps(out) + "\n")
     return out
 
@@ -221,7 +249,6 @@ def run_real(table: dict, eval_cost: float, num_trials: int, strategies: list[st
     """Per strategy, a real sweep (Ray Tune, real training, one trial at a time) at sampler seed 0:
     the same configs in the same order, pruned at the same steps, as its replay."""
     from sweeps.results import load_records
-    from sweeps.search import RAY_TRIAL_ATTR, load_study
     from sweeps.trial_plan import build_plan
     from sweeps.tuner import run_sweep
 
@@ -235,8 +262,7 @@ def run_real(table: dict, eval_cost: float, num_trials: int, strategies: list[st
         spec = parse_spec(data, f"{GRID_SPEC} ({strategy}, real)")
         t0 = time.perf_counter()
         run_sweep(spec, build_plan(spec, GRID_SPEC, local=False))
-        number = {t.user_attrs[RAY_TRIAL_ATTR]: t.number for t in load_study(Path(spec.output_dir) / "study", spec.name).trials}
-        rows = sorted(load_records(spec), key=lambda r: number[r.row.trial_id])  # in the order they were proposed
+        rows = load_records(spec)  # in the order they were proposed
         real = [{"config": {k: r.row.params[k] for k in SEARCHED}, "steps": r.row.steps, "state": r.row.state,
                  "objective": r.result.metrics.get("objective")} for r in rows]
         replayed = replay_one(table, strategy, 0, eval_cost, 10.0, num_trials)
@@ -276,6 +302,17 @@ def grid_figures(table: dict) -> dict:
     means = np.array([np.mean(v) for v in obj.values()])
     gaps = np.abs(means[:, None] - means[None, :])[np.triu_indices(len(means), 1)]
     corr = {}
+    for variant in VARIANTS:
+        if variant == "default":
+            continue
+        configs = list(by_config)
+        def value(f: dict, variant: str = variant) -> float:
+            return with_objective(f, variant)["objective"]
+
+        corr[f"objective ({variant})"] = {
+            "configs": spearman([np.mean([value(f) for f in by_config[c]]) for c in configs], [held[c] for c in configs]),
+            "runs": spearman([value(final(r["results"])) for r in table["runs"]],
+                             [final(r["results"])["heldout_score"] for r in table["runs"]])}
     for metric, sign in RANKED_METRICS.items():
         if not all(metric in f for fs in by_config.values() for f in fs):
             continue
@@ -310,6 +347,8 @@ def sweep_figures(table: dict, replays: dict, eval_cost: float, grid: dict) -> d
     out = {}
     for strategy in STRATEGIES:
         seeds = [s for s in range(SAMPLER_SEEDS) if f"{strategy}|{s}" in replays]
+        if not seeds:
+            continue
         per = {f: [] for f in BUDGETS}
         within = {0.01: [], 0.02: []}
         regret, false_rate, pruned_n = [], [], []
@@ -380,9 +419,19 @@ def plot(table: dict, replays: dict, eval_cost: float, grid: dict, path: Path) -
     fig.savefig(path, dpi=110)
 
 
-def markdown(grid: dict, sweeps: dict) -> str:
-    lines = [f"grid's best held-out oracle score: {grid['grid_best']:.3f} ({grid['best_config']})", "",
-             "| strategy | winner / best @10% | @25% | @50% | compute to within 2% | to 1% | pruned @25% | regret @25% |",
+def markdown(grid: dict, by_variant: dict) -> str:
+    lines = [f"grid's best held-out oracle score: {grid['grid_best']:.3f} ({grid['best_config']})"]
+    for variant, sweeps in by_variant.items():
+        lines += ["", f"objective: {variant}", ""] + sweep_table(sweeps)
+    lines += ["", "| metric | Spearman with the oracle, 24 configs (seed means) | 72 runs |", "|---|---|---|"]
+    lines += [f"| {m} | {v['configs']:+.2f} | {v['runs']:+.2f} |" for m, v in grid["spearman"].items()]
+    lines += ["", f"objective: median spread over training seeds (std) {grid['objective_seed_std_median']:.2f}, "
+              f"median gap between configurations {grid['objective_gap_median']:.2f}"]
+    return "\n".join(lines)
+
+
+def sweep_table(sweeps: dict) -> list[str]:
+    lines = ["| strategy | winner / best @10% | @25% | @50% | compute to within 2% | to 1% | pruned @25% | regret @25% |",
              "|---|---|---|---|---|---|---|---|"]
     def pct(x: float) -> str:
         return "never (<50%)" if x == float("inf") else f"{100 * x:.0f}%"
@@ -394,20 +443,17 @@ def markdown(grid: dict, sweeps: dict) -> str:
         lines.append(f"| {name} | {cell('ratio@10%')} | {cell('ratio@25%')} | {cell('ratio@50%')} | "
                      f"{pct(v['compute_to_2%'])} | {pct(v['compute_to_1%'])} | {v['pruned@25%']:.0f} | "
                      f"{v['pruning_regret@25%']['median']:.0f} (max {v['pruning_regret@25%']['max']}) |")
-    lines += ["", "| metric | Spearman with the oracle, 24 configs (seed means) | 72 runs |", "|---|---|---|"]
-    lines += [f"| {m} | {v['configs']:+.2f} | {v['runs']:+.2f} |" for m, v in grid["spearman"].items()]
-    lines += ["", f"objective: median spread over training seeds (std) {grid['objective_seed_std_median']:.2f}, "
-              f"median gap between configurations {grid['objective_gap_median']:.2f}"]
-    return "\n".join(lines)
+    return lines
 
 
 def figures(table: dict, replays: dict, eval_cost: float) -> dict:
     grid = grid_figures(table)
-    sweeps = sweep_figures(table, replays, eval_cost, grid)
-    out = {"eval_cost_steps": eval_cost, "grid_compute_steps": grid_compute(table, eval_cost), "grid": grid, "sweeps": sweeps}
+    by_variant = {v: sweep_figures(table, replays[v], eval_cost, grid) for v in VARIANTS if v in replays}
+    out = {"eval_cost_steps": eval_cost, "grid_compute_steps": grid_compute(table, eval_cost), "grid": grid,
+           "sweeps": by_variant}
     FIGURES.write_text(json.dumps(out, indent=1) + "\n")
-    plot(table, replays, eval_cost, grid, PNG)
-    print(markdown(grid, sweeps))
+    plot(table, replays["default"], eval_cost, grid, PNG)
+    print(markdown(grid, by_variant))
     return out
 
 
@@ -416,6 +462,7 @@ def main() -> None:
     p.add_argument("command", choices=["grid", "table", "cost", "replay", "real", "figures"])
     p.add_argument("--real-trials", type=int, default=6, help="trials per real sweep (real)")
     p.add_argument("--strategies", nargs="*", default=None, help="for real: which (default all with pruning)")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="for replay: objective variants")
     a = p.parse_args()
     if a.command == "grid":
         return run_grid()
@@ -425,7 +472,7 @@ def main() -> None:
         return measure_cost()
     table, eval_cost = load_table(), json.loads(COST.read_text())["eval_cost_steps"]
     if a.command == "replay":
-        run_replays(table, eval_cost)
+        run_replays(table, eval_cost, a.variants)
     elif a.command == "real":
         run_real(table, eval_cost, a.real_trials, a.strategies or [s for s in STRATEGIES if "no pruning" not in s])
     else:

@@ -69,7 +69,24 @@ def load_records(spec: SweepSpec) -> list[TrialRecord]:
     grid = ResultGrid(analysis)
     pruned = _pruned_trials(spec, experiment)
     failures = storage.join(sweep_uri(spec), FAILURES)
-    return [TrialRecord(_row(trial, result, spec, pruned, failures), result) for trial, result in zip(analysis.trials, grid)]
+    records = [TrialRecord(_row(trial, result, spec, pruned, failures), result) for trial, result in zip(analysis.trials, grid)]
+    # Ray's experiment state does not keep the order trials were created in; the study numbers them.
+    number = _study_numbers(spec)
+    return sorted(records, key=lambda r: number.get(r.row.trial_id, len(number)))
+
+
+def _study_numbers(spec: SweepSpec) -> dict[str, int]:
+    """Tune trial id -> the Optuna trial number the searcher gave it (the order it proposed them)."""
+    from sweeps.search import JOURNAL_FILE, RAY_TRIAL_ATTR, load_study
+
+    study_dir = Path(spec.output_dir) / "study"
+    if not (study_dir / JOURNAL_FILE).is_file():  # no study yet, or not on this machine
+        return {}
+    try:
+        study = load_study(study_dir, spec.name)
+    except KeyError:
+        return {}
+    return {t.user_attrs[RAY_TRIAL_ATTR]: t.number for t in study.trials if RAY_TRIAL_ATTR in t.user_attrs}
 
 
 def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures: str) -> TrialRow:

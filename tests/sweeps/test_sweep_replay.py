@@ -77,7 +77,8 @@ def test_replay_proposes_and_prunes_as_the_real_sweep(tmp_path, ray_local, sampl
     spec = _spec(tmp_path, sampler, pruner)
     run_sweep(spec, None, trainable=stub_trainable)
     number = {t.user_attrs[RAY_TRIAL_ATTR]: t.number for t in load_study(Path(spec.output_dir) / "study", spec.name).trials}
-    rows = sorted(load_records(spec), key=lambda r: number[r.row.trial_id])  # the order the searcher proposed them
+    rows = load_records(spec)
+    assert [number[r.row.trial_id] for r in rows] == list(range(len(rows))), "records come in the order they were proposed"
     real = [(r.row.params, r.row.steps, r.row.state) for r in rows]
 
     runs = replay(spec, curve, tmp_path / "replay-study", keep_going=lambda done: True)
