@@ -57,8 +57,10 @@ def cmmd(generated: Embeddings, reference: Embeddings, unbiased: bool = True) ->
     it is unbiased, so it can be slightly negative for two draws of one distribution.
     unbiased=False is what the reference code (google-research/cmmd, distance.py) computes: the
     minimum-variance V-statistic (plain means over all n^2, m^2, nm pairs, i = j included). The two
-    differ by O(1/n); at a suite's n ~ 20 that is ~0.1-0.3 CMMD points, and the V-statistic's extra
-    term shrinks as the generated images grow alike, so it rewards a collapsed LoRA: hence the default.
+    differ by 1000 [(1 - mean k_xx) / n + (1 - mean k_yy) / m] (off-diagonal means), O(1/n): about
+    0.5 CMMD points on the toy world's 20 vs 18 images (bench/evaluator_metrics.py), as large as the
+    differences between trials; and that term shrinks as the generated images grow alike, so the
+    V-statistic rewards a collapsed LoRA. Hence the default.
     """
     x, y = _pair(generated, reference, "cmmd")
     gamma = 1.0 / (2.0 * CMMD_SIGMA**2)
