@@ -58,9 +58,9 @@ def cmmd(generated: Embeddings, reference: Embeddings, unbiased: bool = True) ->
     unbiased=False is what the reference code (google-research/cmmd, distance.py) computes: the
     minimum-variance V-statistic (plain means over all n^2, m^2, nm pairs, i = j included). The two
     differ by 1000 [(1 - mean k_xx) / n + (1 - mean k_yy) / m] (off-diagonal means), O(1/n): about
-    0.5 CMMD points on the toy world's 20 vs 18 images (bench/evaluator_metrics.py), as large as the
-    differences between trials; and that term shrinks as the generated images grow alike, so the
-    V-statistic rewards a collapsed LoRA. Hence the default.
+    0.5 CMMD points on the toy world's 20 vs 18 images (bench/evaluator_metrics.py); and that term
+    shrinks as the generated images grow alike, so the V-statistic rewards a collapsed LoRA. Hence
+    the default.
     """
     x, y = _pair(generated, reference, "cmmd")
     gamma = 1.0 / (2.0 * CMMD_SIGMA**2)
