@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from evaluator.clip_model import ClipModel, validate_images
+from evaluator.distribution_metrics import concept_distribution
 from evaluator.metrics import (
     DEFAULT_OBJECTIVE_WEIGHTS,
     OBJECTIVE_COMPONENTS,
@@ -59,7 +60,9 @@ def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: tor
     concept images: natural, new_setting, trigger_on), prior_preservation, trigger_effect
     (None when their inputs are missing), objective with objective_terms/objective_skipped
     (see `composite_objective`), and objective_items: the objective split over the items (their
-    mean is the objective; see `objective_items`).
+    mean is the objective; see `objective_items`). Beside the objective, not in it: cmmd, clip_fd,
+    clip_kid (concept images vs training images) and diversity (of the concept prompts across seeds),
+    see `evaluator.distribution_metrics.concept_distribution`.
     """
     check_items(items, image_emb.shape[0])
     per_image = clip_t(image_emb, text_emb, scale=scale)
@@ -78,6 +81,7 @@ def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: tor
     concept = idx(*CONCEPT_KINDS)
     out["clip_i"] = (clip_i(image_emb[concept], train_emb)
                      if train_emb is not None and concept else None)
+    out.update(concept_distribution(image_emb[concept], [items[i][1:3] for i in concept], train_emb))
     none = idx("no_concept")
     if base_emb is not None and none:
         if base_emb.shape[0] != len(none):

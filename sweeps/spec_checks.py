@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from evaluator.metrics import OBJECTIVE_COMPONENTS, REPORTED_METRICS, ObjectiveWeights
+from evaluator.metrics import GOOD_DIRECTION, OBJECTIVE_COMPONENTS, REPORTED_METRICS, ObjectiveWeights
 from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
 from sweeps.spec_schema import EvalSpec, ObjectiveSpec, ParamSpace, PrunerSpec, ResourcesSpec, SearchSpec, SweepSpec, search_order
 from toyworld.lora_task import HELDOUT_METRICS
@@ -23,6 +23,11 @@ from trainer.validation import VALIDATION_METRICS
 # What a trial reports and an objective may name: the training loss, the evaluator's scores, the
 # trainer's validation loss and, with `eval.oracle: toy_world`, the oracle's.
 TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS, *HELDOUT_METRICS)
+# The better mode of the trial metrics that have one in every sweep (losses and distances down,
+# scores and accuracies up): an objective asking the other way would search, prune and export
+# for the worst trials.
+GOOD_MODES = {**GOOD_DIRECTION, **dict.fromkeys(("loss", *VALIDATION_METRICS), "min"),
+              **dict.fromkeys((*ORACLE_METRICS, *HELDOUT_METRICS), "max")}
 
 
 def space_problems(spec: SweepSpec) -> list[str]:
@@ -106,6 +111,11 @@ def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> lis
             out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(TRIAL_METRICS)}")
         if o.metric in seen:
             out.append(f"{path}: {o.metric!r} is listed twice")
+        good = GOOD_MODES.get(o.metric)
+        if good is not None and o.mode != good:
+            better = "lower" if good == "min" else "higher"
+            follows = " (the pruner and the export follow the primary objective's mode)" if i == 0 else ""
+            out.append(f"{path.removesuffix('.metric')}.mode: {o.metric!r} is better {better}; set mode: {good}{follows}")
         if o.metric in (*ORACLE_METRICS, *HELDOUT_METRICS) and _eval_oracle(spec) is None:
             out.append(f"{path}: {o.metric!r} comes from the toy world's pixel oracle; set eval.oracle: "
                        "toy_world (built-in toy world only) or optimise a CLIP metric such as objective")

@@ -65,8 +65,9 @@ def test_offline_sweep_logs_metrics_images_and_artifact_without_the_key(tmp_path
         rows = read_history(path)
         assert [r["step"] for r in rows] == [2, 4]
         for row in rows:
-            # The toy world's oracle metrics go to W&B beside the CLIP ones.
+            # The toy world's oracle metrics go to W&B beside the CLIP ones, the distribution metrics too.
             assert {"clip_score", "objective", "concept_accuracy", "prior_accuracy", "loss", "lr"} <= set(row)
+            assert {"cmmd", "clip_fd", "clip_kid", "diversity", "val_loss", "heldout_score"} <= set(row)
             assert row["eval_samples/_type"] == "images/separated" and row["eval_samples/count"] == 44
             assert row["eval_samples/captions"][0].startswith("a lswsks circle")
             for name in row["eval_samples/filenames"]:
