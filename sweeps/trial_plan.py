@@ -47,6 +47,8 @@ class TrialPlan:
     evaluator_actor: str | None = None  # the shared evaluator's actor name, set by the driver
     tracking: dict | None = None  # sweeps.tracking.trial_settings(spec)
     objective_weights: dict[str, float] | None = None  # `objective.weights` (None: the defaults)
+    evaluator_dino: str | None = None  # the optional judges' absolute paths (`evaluator.dino`, `.aesthetic`)
+    evaluator_aesthetic: str | None = None
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
@@ -99,6 +101,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
         evaluator_model=spec.evaluator.model, evaluator_pretrained=spec.evaluator.pretrained,
         cpus_per_trial=spec.resources.cpus_per_trial,
         objective_weights=spec.objective_weights(),
+        evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
     )
 
 
