@@ -15,6 +15,7 @@ a `.pth`/`.pt` state dict (read with `torch.load(weights_only=True)`: tensors on
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -129,6 +130,8 @@ def build_head(kind: str, width: int) -> torch.nn.Module:
         return torch.nn.Linear(width, 1)
     a, b, c, d, e = MLP_WIDTHS
     p1, p2, p3 = _MLP_DROPOUTS
-    return torch.nn.Sequential(
+    layers = torch.nn.Sequential(
         torch.nn.Linear(width, a), torch.nn.Dropout(p1), torch.nn.Linear(a, b), torch.nn.Dropout(p2),
         torch.nn.Linear(b, c), torch.nn.Dropout(p3), torch.nn.Linear(c, d), torch.nn.Linear(d, e))
+    # Named `layers`, as the project's module attribute, so that its state dict loads key for key.
+    return torch.nn.Sequential(OrderedDict(layers=layers))
