@@ -288,13 +288,9 @@ def _eval_problems(spec: SweepSpec, ev: EvalSpec) -> list[str]:
 
 def _judge_problems(spec: SweepSpec, evaluator: EvaluatorSpec, ev: EvalSpec | None,
                     objectives: list[ObjectiveSpec]) -> list[str]:
-    """The optional judges: each configured path usable (read, not loaded), a metric only with its judge."""
+    """The optional judges: a metric only with its judge, a judge only with a suite. Their files are
+    inputs, checked with the base model and the dataset (`sweeps.trial_plan.input_problems`)."""
     out = []
-    if evaluator.dino or evaluator.aesthetic:
-        from evaluator.judges import judge_problems
-
-        out += [f"evaluator.{key}: {msg}" for key, msg in
-                judge_problems(evaluator.dino, evaluator.aesthetic, evaluator.model).items()]
     single = not isinstance(getattr(spec, "objective", None), list)
     for i, o in enumerate(objectives):
         if o.metric in JUDGES and not getattr(evaluator, JUDGES[o.metric][0]):

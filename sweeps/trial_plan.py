@@ -55,9 +55,9 @@ class TrialPlan:
 
 
 def input_problems(spec: SweepSpec, local: bool) -> list[str]:
-    """What is wrong with the spec's base model, dataset and resources on this machine, found
-    without loading a model: each as `key: message`. `local` (no --address): the trial's CPUs and
-    GPUs must fit this machine."""
+    """What is wrong with the spec's base model, dataset, optional judges' files and resources on
+    this machine, found without loading a model: each as `key: message`. `local` (no --address):
+    the trial's CPUs and GPUs must fit this machine."""
     problems = []
     try:
         resolve_base_model(spec.base_model)
@@ -67,6 +67,12 @@ def input_problems(spec: SweepSpec, local: bool) -> list[str]:
         detect_dataset_type(resolve_dataset(spec.dataset))
     except DatasetError as err:
         problems.append(f"dataset: {err}")
+    paths = spec.evaluator.judge_paths()
+    if any(paths.values()):  # read, not loaded: a DINO folder's config and weights header, a head's keys and width
+        from evaluator.judges import judge_problems
+
+        problems += [f"evaluator.{key}: {msg}" for key, msg in
+                     judge_problems(paths["dino"], paths["aesthetic"], spec.evaluator.model).items()]
     if local:
         import torch
 

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from sweeps.spec import SpecError, parse_spec
+from sweeps.trial_plan import build_plan, input_problems
 from tests.evaluator.judge_builders import tiny_dino, tiny_head
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,13 +47,21 @@ def test_configured_judges_make_their_metrics_objectives(files, tmp_path, monkey
     assert parse_spec(_base()).evaluator.judge_paths() == {"dino": None, "aesthetic": None}
 
 
-def test_judge_problems_are_reported_with_the_others(files):
+def test_judge_files_are_checked_with_the_other_inputs(files):
+    """Like the base model and the dataset: before any model is loaded (build_plan, the dry run),
+    not when a stored spec is read back on a machine without them (--status)."""
     ev = {"model": "builtin:tiny-clip", "pretrained": None, "dino": str(files / "missing"), "aesthetic": str(files / "l14.pth")}
-    problems = _problems(evaluator=ev, objective={"metric": "clipscore"}, search={"num_trials": 0})
+    spec = parse_spec(_base(evaluator=ev, base_model="/nonexistent/model"))
+    problems = input_problems(spec, local=False)
     text = "\n".join(problems)
     assert any(p.startswith(f"evaluator.dino: {files / 'missing'}: not found") for p in problems), text
     assert any(p.startswith(f"evaluator.aesthetic: {files / 'l14.pth'}: the aesthetic head takes 768-wide") for p in problems)
-    assert "ViT-L-14" in text and "objective.metric: unknown metric 'clipscore'" in text and "search.num_trials" in text
+    assert "ViT-L-14" in text and any(p.startswith("base_model:") for p in problems)
+    with pytest.raises(SpecError) as err:
+        build_plan(spec, "spec.yaml", local=False)
+    assert "evaluator.dino:" in str(err.value) and "evaluator.aesthetic:" in str(err.value)
+    good = {**ev, "dino": str(files / "dino"), "aesthetic": str(files / "head.pth")}
+    assert input_problems(parse_spec(_base(evaluator=good)), local=False) == []
 
 
 def test_judge_metrics_need_their_judge_and_a_suite(files):
