@@ -151,7 +151,8 @@ class EvaluatorService:
         if self.judges is not None:
             train_dino = as_t(self.dino_references.get(train_key)) if train_key else None
             loop = asyncio.get_running_loop()
-            judged = await loop.run_in_executor(self.executor, self.judges.inputs, items, np.array(images),
+            # Judges.inputs indexes the concept images out (a writable copy of the read-only argument).
+            judged = await loop.run_in_executor(self.executor, self.judges.inputs, items, images,
                                                 torch.from_numpy(img), train_dino)
         return suite_metrics(items, torch.from_numpy(img), torch.from_numpy(txt), as_t(base),
                              as_t(train), weights, scale, judged)
