@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -434,7 +435,9 @@ def curves_for_plot(table: dict, replays: dict, eval_cost: float) -> dict:
             runs = replays.get(f"{strategy}|{s}")
             if runs:
                 rows.append([(w["heldout_score"] if (w := winner(runs, x * total)) else np.nan) for x in xs])
-        out[strategy] = np.nanmedian(np.array(rows, float), axis=0) if rows else None
+        with warnings.catch_warnings():  # before the first trial ends there is no winner yet (NaN)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[strategy] = np.nanmedian(np.array(rows, float), axis=0) if rows else None
     return {"x": xs, "lines": out}
 
 
@@ -458,8 +461,11 @@ def plot(table: dict, replays: dict, eval_cost: float, grid: dict, path: Path) -
     ax.grid(alpha=0.3)
     rows = [[m, f"{v['configs']:+.2f}", f"{v['runs']:+.2f}"] for m, v in grid["spearman"].items()]
     tab.axis("off")
-    t = tab.table(cellText=rows, colLabels=["metric", "Spearman (24 configs)", "(72 runs)"], loc="center")
-    t.scale(1, 1.25)
+    t = tab.table(cellText=rows, colLabels=["metric", "Spearman (24 configs)", "(72 runs)"], loc="center",
+                  colWidths=[0.52, 0.28, 0.2])
+    t.auto_set_font_size(False)
+    t.set_fontsize(8.5)
+    t.scale(1, 1.3)
     tab.set_title("Rank agreement with the held-out oracle")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
