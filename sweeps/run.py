@@ -108,12 +108,16 @@ def sweep(spec, args) -> int:
 
 def export_only(spec) -> int:
     from sweeps.export import export_sweep
+    from sweeps.report import finish_report
     from sweeps.results import format_table, load_records
-    from sweeps.tracking import sync_command
+    from sweeps.tracking import summary_run, sync_command
 
     records = load_records(spec)
     print("\n" + format_table([r.row for r in records], spec))
-    result = export_sweep(spec, records)
+    with summary_run(spec) as run:
+        result = export_sweep(spec, records, run=run)
+        report = finish_report(spec, records, run)
+    print(f"\nreport: {report}")
     command = sync_command(spec)
     if command:
         print(f"\nW&B offline runs; upload them with:\n  {command}")
