@@ -21,7 +21,7 @@ from ray.tune import Callback
 REPORT_DIR = "report"
 INDEX = "index.html"
 XYZ_DIR = "xyz"
-_INLINE_PNG_MAX = 400_000  # bytes; a larger picture goes into the page as JPEG (its PNG file stays beside)
+_INLINE_PNG_MAX = 150_000  # bytes; a larger picture goes into the page as JPEG (its PNG file stays beside)
 
 
 def report_uri(spec) -> str:

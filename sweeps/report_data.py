@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,7 +65,8 @@ class XyzChoice:
     def parse(cls, text: str | None) -> XyzChoice:
         if not text:
             return cls()
-        parts = dict(p.split("=", 1) for p in text.split(",") if "=" in p)
+        # a prompt may hold commas: split only before the next key
+        parts = dict(p.split("=", 1) for p in re.split(r",(?=(?:x|y|prompt|seed)=)", text) if "=" in p)
         unknown = set(parts) - {"x", "y", "prompt", "seed"}
         if unknown or not parts:
             raise ValueError(f"--xyz {text!r}: expected x=PARAM[,y=PARAM][,prompt=TEXT][,seed=N]")

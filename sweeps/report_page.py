@@ -26,6 +26,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
  tr.pruned td { color: #8a5a00; } tr.failed td { color: #b00; }
  .scroll { max-height: 600px; overflow: auto; display: inline-block; }
  img { max-width: 100%; image-rendering: pixelated; border: 1px solid #eee; }
+ .wide { max-width: 100%; overflow-x: auto; } .wide img { max-width: none; }
  .grids figure { margin: 0 0 1.5em 0; } figcaption { color: #555; margin-bottom: .3em; }
 </style></head>
 <body>
@@ -63,13 +64,13 @@ exported trials in bold.</p>
 
 <h2>The winner beside the base model</h2>
 {% if comparison %}<p class="note">Same prompts and seeds in every row.</p>
-<img alt="base model and winner" src="{{ comparison }}">
+<div class="wide"><img alt="base model and winner" src="{{ comparison }}"></div>
 {% else %}<p class="note">No trial has a scored evaluation yet.</p>{% endif %}
 
 <h2>XYZ grids</h2>
 <div class="grids">{% for g in grids %}
 <figure><figcaption><b>{{ g.title }}</b>{% if g.note %}: {{ g.note }}{% endif %} (<code>{{ g.file }}</code>)</figcaption>
-<img alt="{{ g.title }}" src="{{ g.src }}"></figure>{% endfor %}
+<div class="wide"><img alt="{{ g.title }}" src="{{ g.src }}"></div></figure>{% endfor %}
 </div>
 {% for n in notes %}<p class="note">{{ n }}</p>{% endfor %}
 

@@ -203,7 +203,7 @@ def param_grid(trials: list[tuple[str, dict, float | None]], x: Axis, y: Axis | 
     shape = [(r, c) for r in range(len(rows)) for c in range(len(x.labels))]
     images = {rc: image_of(best[rc][0]) for rc in shape if rc in best}
     cells = [[images.get((r, c)) for c in range(len(x.labels))] for r in range(len(rows))]
-    captions = [[f"{best[(r, c)][0][-5:]} {best[(r, c)][1]:.3g}" if (r, c) in best else "" for c in range(len(x.labels))]
+    captions = [[f"{best[(r, c)][0]} {best[(r, c)][1]:.3g}" if (r, c) in best else "" for c in range(len(x.labels))]
                 for r in range(len(rows))]
     y_name = y.name if y is not None else "-"
     return Grid(f"{x.name} x {y_name}: '{prompt}', seed {seed}", x.name, y_name, x.labels, rows, cells, captions,

@@ -24,7 +24,7 @@ from evaluator.suites import drop_word
 from sweeps import storage
 from sweeps.results import sweep_uri
 from sweeps.spec_schema import SweepSpec
-from sweeps.xyz_grids import pick_items, strength_grid, trigger_grid
+from sweeps.xyz_grids import ROW_ITEMS, pick_items, strength_grid, trigger_grid
 
 STRENGTHS = (0.0, 0.5, 1.0)
 SAMPLED_GRIDS = {"strength": "LoRA strength 0 / 0.5 / 1", "trigger": "with and without the trigger word"}
@@ -63,13 +63,20 @@ def _key(entry: dict) -> dict:
 
 
 def _load_base(spec: SweepSpec):
+    import diffusers
+    import transformers
+
     from trainer.model_loading import load_sd_components
 
+    # the driver's console shows the sweep's lines, not a progress bar per model part
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     return load_sd_components(spec.base_model)
 
 
-def sample_entry(spec: SweepSpec, entry: dict, models) -> dict:
-    """The strength grid (and, when the suite has no trigger test, the trigger grid) of one exported LoRA."""
+def sample_entry(spec: SweepSpec, entry: dict, models, limit: int = ROW_ITEMS) -> dict:
+    """The strength grid (and, when the suite has no trigger test, the trigger grid) of one
+    exported LoRA, over at most `limit` items."""
     from sweeps.report_data import suite_kinds
     from trainer.preparation import default_device, place_base_models
     from trainer.sampling import make_pipeline, sample_images
@@ -80,7 +87,7 @@ def sample_entry(spec: SweepSpec, entry: dict, models) -> dict:
     place_base_models(models, cfg, default_device())
     prompts, seeds = info["prompts"], info["seeds"]
     kinds = suite_kinds(spec, prompts, seeds)
-    picked = pick_items(prompts, seeds, kinds)
+    picked = pick_items(prompts, seeds, kinds, limit)
     items = ([prompts[i] for i in picked], [seeds[i] for i in picked])
     sample = lambda ps, ss: sample_images(models, ps, ss, cfg.clip_skip, cfg.resolution, cfg.sampling)
     pipe = make_pipeline(models, cfg.sampling.sampler)

@@ -24,7 +24,7 @@ def test_table_has_every_trial_with_its_best_evaluation(report_sweep):
     header, rows = table(data.trials, spec)
     assert header == ["trial", "learning_rate", "rank", "clip_score", "state", "steps", "trial s"]
     assert len(rows) == len(data.trials) == spec.search.num_trials
-    for row, t in zip(rows, data.trials):
+    for row in rows:
         params = dict(zip(["learning_rate", "rank"], row[1:3]))
         assert row[3] == pytest.approx(stub_score(params, row[5]))  # the best evaluation is the last one
         assert row[4] in ("complete", "pruned") and row[6] > 0
@@ -47,7 +47,8 @@ def test_curves_hold_every_evaluation_and_pruned_trials_are_marked_where_they_st
 def _cell_trial(cell: np.ndarray, data) -> str:
     """Which trial an image came from: the stub paints its rank and learning rate into the left half."""
     r, g, _ = (int(v) for v in cell[0, 0])
-    (tid,) = [t.row.trial_id for t in data.trials if t.row.params["rank"] * 30 == r and lr_code(t.row.params["learning_rate"]) == g]
+    (tid,) = [t.row.trial_id for t in data.trials
+              if t.row.params["rank"] * 30 == r and lr_code(t.row.params["learning_rate"]) == g]
     return tid
 
 
@@ -155,6 +156,7 @@ def test_report_cli_on_a_sweep_folder(report_sweep, capsys, tmp_path):
     assert "'nope' is not a searched parameter" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a second stub sweep
 def test_pareto_front_and_exported_points_of_a_multi_objective_sweep(ray_local, tmp_path):
     from sweeps.export import export_sweep
     from sweeps.report_plots import pareto_plot
@@ -172,3 +174,13 @@ def test_pareto_front_and_exported_points_of_a_multi_objective_sweep(ray_local, 
     assert pareto_plot(data)[:8] == b"\x89PNG\r\n\x1a\n"
     html = write_report(spec, records)
     assert "Pareto front" in open(html).read() and sweep_uri(spec) in html
+
+
+def test_status_prints_parameter_importance(report_sweep):
+    from sweeps.status import sweep_status
+
+    spec, _ = report_sweep
+    complete = sum(t.row.state == "complete" for t in collect(spec).trials)
+    line = next(ln for ln in sweep_status(spec).splitlines() if ln.startswith("parameter importance"))
+    assert re.fullmatch(rf"parameter importance for clip_score \(fanova, {complete} complete trials\): "
+                        r"(learning_rate|rank) \d\.\d\d, (learning_rate|rank) \d\.\d\d", line), line
