@@ -48,7 +48,7 @@ def build(tmp: Path, trials: int, size: int, evals: int):
     import pandas as pd
     from ray import tune
 
-    from sweeps.eval_images import save_eval_images
+    from sweeps.eval_images import eval_uri, save_eval_images
     from sweeps.results import BASE_SAMPLES, SAMPLES_FILE, TRIAL_INFO, TrialRecord, TrialRow, sweep_uri
     from sweeps.sample_grids import save_grid
     from sweeps.search import journal_storage
@@ -60,16 +60,20 @@ def build(tmp: Path, trials: int, size: int, evals: int):
     root.mkdir(parents=True)
     save_grid(_images(len(prompts), size, 999), root / BASE_SAMPLES)
     interval = 100
-    ckpts = []
+    ckpts, kept_bytes = [], []
     for k in range(8):
         folder = tmp / "ckpt" / str(k)
         folder.mkdir(parents=True)
-        save_grid(_images(len(prompts), size, k), folder / SAMPLES_FILE)
+        images = _images(len(prompts), size, k)
+        save_grid(images, folder / SAMPLES_FILE)
         ckpts.append(folder)
+        save_eval_images(str(tmp), "x", 0, images)  # what sweeps.trainable keeps of each evaluation
+        kept_bytes.append(Path(eval_uri(str(tmp), "x", 0)).read_bytes())
     rng = np.random.default_rng(0)
     dists = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True),
              "rank": optuna.distributions.CategoricalDistribution([2, 4, 8]),
              "lr_scheduler": optuna.distributions.CategoricalDistribution(["constant", "cosine"])}
+    (Path(spec.output_dir) / "study").mkdir(parents=True)
     study = optuna.create_study(study_name=spec.name, storage=journal_storage(Path(spec.output_dir) / "study"),
                                 direction="maximize")
     records, frozen = [], []
@@ -87,6 +91,9 @@ def build(tmp: Path, trials: int, size: int, evals: int):
         folder = ckpts[n % len(ckpts)]
         (folder / TRIAL_INFO).write_text(json.dumps({"params": params, "metrics": {}, "prompts": prompts, "seeds": seeds}))
         kept = [(tune.Checkpoint.from_directory(str(folder)), {**best, "clip_score": best["objective"] / 2})] if best else []
+        for c in curve:  # every evaluation's kept images (the stub shares eight sets)
+            Path(eval_uri(str(root), tid, c["step"])).parent.mkdir(parents=True, exist_ok=True)
+            Path(eval_uri(str(root), tid, c["step"])).write_bytes(kept_bytes[n % len(kept_bytes)])
         row = TrialRow(tid, params, best["objective"] if best else None, state, curve[-1]["step"] if curve else None,
                        float(rng.uniform(60, 900)), reason="training diverged" if state == "failed" else None)
         result = tune.Result(metrics=curve[-1] if curve else {}, checkpoint=None, error=None, path=str(tmp),

@@ -34,13 +34,21 @@ def report_uri(spec) -> str:
 def write_report(spec, records=None, xyz=None, importance: str = "fanova", trials=None) -> str:
     """Render the report from the sweep's storage (or the given records / in-memory Tune trials)
     and write it; returns where index.html is."""
-    from sweeps import storage
+    return _write(_collect(spec, records, xyz, importance, trials))
+
+
+def _collect(spec, records=None, xyz=None, importance: str = "fanova", trials=None):
     from sweeps.report_data import XyzChoice, collect
     from sweeps.results import load_records
 
     records = load_records(spec, trials=trials) if records is None else records
-    data = collect(spec, records, xyz if isinstance(xyz, XyzChoice) else XyzChoice.parse(xyz), importance)
-    root = report_uri(spec)
+    return collect(spec, records, xyz if isinstance(xyz, XyzChoice) else XyzChoice.parse(xyz), importance)
+
+
+def _write(data) -> str:
+    from sweeps import storage
+
+    root = report_uri(data.spec)
     grids = []
     for name, grid in data.grids.items():
         picture = _png_bytes(grid.image())
@@ -147,7 +155,7 @@ def _maybe_uri(png: bytes | None) -> str | None:
 
 def _png_bytes(image) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -210,14 +218,16 @@ class ReportWriter(Callback):
 def finish_report(spec, records, run=None) -> str:
     """At the end of a sweep (or `--export-only`), after the export: sample the grids that need
     the exported LoRAs, write the report, and log it to the sweep's W&B summary run."""
+    from sweeps.report_data import table
     from sweeps.tracking import log_sweep_summary
     from sweeps.xyz_sampling import sample_export_grids
 
     for problem in sample_export_grids(spec, report_uri(spec)):
         print(f"report: {problem}", flush=True)
-    index = write_report(spec, records)
+    data = _collect(spec, records)
+    index = _write(data)
     if run is not None:
-        log_sweep_summary(run, spec, records, index)
+        log_sweep_summary(run, spec, *table(data.trials, spec), data.importances, index)
     return index
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from evaluator.metrics import OBJECTIVE_COMPONENTS
 from sweeps import storage
-from sweeps.eval_images import THUMB, eval_steps, read_eval_images, thumbnails
+from sweeps.eval_images import THUMB, eval_steps, eval_uri, read_eval_images, thumbnails
 from sweeps.importance import Importance, load_sweep_study, param_importances, study_dir
 from sweeps.results import (
     BASE_SAMPLES,
@@ -282,16 +282,22 @@ def params_grid(data: ReportData, xyz: XyzChoice, prompts: list[str], seeds: lis
     scored = {t.row.trial_id: t for t in data.trials if t.metrics}
     values = [(tid, t.row.params, _number(t.metrics.get(spec.primary.metric))) for tid, t in scored.items()]
     return param_grid(values, axes[0], axes[1], spec.primary.metric, spec.primary.mode, prompt, seed,
-                      lambda tid: _image_of(scored[tid], prompt, seed))
+                      lambda tid: _image_of(data, scored[tid], prompts, seeds, prompt, seed))
 
 
 def _is_log(param) -> bool:
     return param is not None and (param.type == "loguniform" or bool(getattr(param, "log", False)))
 
 
-def _image_of(trial: TrialData, prompt: str, seed: int) -> np.ndarray | None:
-    info, images = checkpoint_samples(trial.checkpoint)
-    pairs = list(zip(info["prompts"], info["seeds"]))
+def _image_of(data: ReportData, trial: TrialData, prompts: list[str], seeds: list[int], prompt: str, seed: int):
+    """The trial's image of `prompt` at `seed` at its best evaluation: from the evaluation's kept
+    images (128 px, a few kB) when there are some, else from its checkpoint's full-size grid."""
+    root, tid, step = sweep_uri(data.spec), trial.row.trial_id, trial.metrics.get("step")
+    if step is not None and storage.exists(eval_uri(root, tid, int(step))):
+        images, pairs = read_eval_images(root, tid, int(step), len(prompts)), list(zip(prompts, seeds))
+    else:
+        info, images = checkpoint_samples(trial.checkpoint)
+        pairs = list(zip(info["prompts"], info["seeds"]))
     return images[pairs.index((prompt, seed))] if (prompt, seed) in pairs else None
 
 

@@ -109,18 +109,17 @@ def log_winner(spec: SweepSpec, files: dict[str, Path], metadata: dict, run=None
     return run.dir
 
 
-def log_sweep_summary(run, spec: SweepSpec, records: list, report_index: str) -> None:
-    """On the summary run: a wandb.Table of the trials, parameter importance as a table and a bar
-    chart per objective, and the report folder (index.html + its PNG grids) as an artifact."""
+def log_sweep_summary(run, spec: SweepSpec, header: list[str], rows: list[list], importances: list,
+                      report_index: str) -> None:
+    """On the summary run: a wandb.Table of the trials (sweeps.report_data.table), parameter
+    importance (sweeps.importance.Importance) as a table and a bar chart per objective, and the
+    report folder (index.html + its PNG grids) as an artifact."""
     import wandb
 
     from sweeps import storage
-    from sweeps.importance import load_sweep_study, param_importances
-    from sweeps.report_data import table, trial_data
 
-    header, rows = table(trial_data(records, spec), spec)
     logged = {"trials": wandb.Table(columns=header, data=[[_cell(v) for v in r] for r in rows], allow_mixed_types=True)}
-    for imp in param_importances(load_sweep_study(spec), spec):
+    for imp in importances:
         imp_table = wandb.Table(columns=["parameter", "importance"], data=[[k, v] for k, v in imp.values.items()])
         logged[f"importance/{imp.metric}"] = imp_table
         if imp.values:

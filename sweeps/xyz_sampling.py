@@ -129,5 +129,5 @@ def _png(image) -> bytes:
     import io
 
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
+    image.save(buf, format="PNG")
     return buf.getvalue()
