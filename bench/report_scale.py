@@ -117,11 +117,13 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=500)
     p.add_argument("--size", type=int, default=512, help="px of the checkpoints' images")
     p.add_argument("--evals", type=int, default=5, help="evaluations of a complete trial")
+    p.add_argument("--keep", default=None, help="an empty folder to build the sweep in and keep (to look at the report)")
     args = p.parse_args()
     from sweeps.report import write_report
     from sweeps.report_data import collect
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         t0 = time.perf_counter()
         spec, records = build(Path(tmp), args.trials, args.size, args.evals)
         built = time.perf_counter() - t0

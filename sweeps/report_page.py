@@ -42,7 +42,8 @@ exported trials in bold.</p>
 <tr class="{{ r.cls }}">{% for v in r.cells %}<td{% if v.text %} class="text"{% endif %}
 {%- if v.sort is not none %} data-sort="{{ v.sort }}"{% endif %}>{{ v.shown }}</td>{% endfor %}</tr>{% endfor %}
 </tbody></table></div>
-{% for r in failed %}<p class="note">{{ r }}</p>{% endfor %}
+{% if failed %}<details><summary>{{ failed|length }} failed trial(s) and why</summary>
+{% for r in failed %}<p class="note">{{ r }}</p>{% endfor %}</details>{% endif %}
 
 <h2>Objective against training step</h2>
 <img alt="objective against step" src="{{ curves }}">

@@ -103,19 +103,20 @@ def test_strength_zero_is_the_base_model_and_one_is_the_exported_lora(real_sweep
     from sweeps.export import read_manifest
     from sweeps.report import load_sweep_spec
     from sweeps.sample_grids import read_grid
-    from sweeps.xyz_sampling import _load_base, sample_entry
+    from sweeps.xyz_sampling import _load_base, _trial_threads, sample_entry
 
     sweep, _ = real_sweep
     spec = load_sweep_spec(str(sweep))
     entry = read_manifest(str(sweep))["entries"][0]
     info = json.loads((sweep / entry["files"]["info"]).read_text())
-    grid = sample_entry(spec, entry, _load_base(spec), limit=2)["strength"]  # a concept item and a prior one
+    with _trial_threads(spec):  # as at export
+        grid = sample_entry(spec, entry, _load_base(spec), limit=2)["strength"]  # a concept item and a prior one
     assert grid.columns == ["strength 0", "strength 0.5", "strength 1"]
     items = [tuple(r.rsplit(" | seed ", 1)) for r in grid.rows]
     index = [list(zip(info["prompts"], map(str, info["seeds"]))).index(it) for it in items]
     base = read_grid(sweep / "base_samples.png", len(info["prompts"]))
     lora = read_grid(sweep / entry["files"]["samples"], len(info["prompts"]))
-    # Equal but for rounding: the trials sampled on one thread, this process on two (another summation order).
+    # Equal but for rounding (another process, maybe another summation order).
     diff = lambda a, b: float(np.abs(a.astype(float) - b).mean())
     for row, i in zip(grid.cells, index):
         assert diff(row[0], base[i]) < 0.5 and diff(row[2], lora[i]) < 0.5
