@@ -117,7 +117,8 @@ def _slices(data) -> list[dict]:
         top = imp.top(2)
         if data.study is None or not top:
             continue
-        out.append({"caption": f"{imp.metric} against {', '.join(top)} (Optuna slice plot)",
+        out.append({"caption": f"{imp.metric} against {', '.join(top)} (Optuna slice plot: each complete trial's "
+                               "value in the study, its last evaluation)",
                     "src": data_uri(plots.slice_plot(data.study, top, data.spec, i), "image/png")})
         if len(top) == 2:
             out.append({"caption": f"{imp.metric} over {top[0]} and {top[1]} (Optuna contour plot)",
