@@ -92,8 +92,8 @@ def run_stub_sweep(spec, report: bool = False) -> None:
 
 @pytest.fixture(scope="session")
 def report_sweep(ray_local, tmp_path_factory):
-    """A finished 6-trial stub sweep whose report the sweep itself rewrote (the ReportWriter's
-    lines are kept in `spec.report_lines`... returned beside the spec)."""
+    """(spec, stdout) of a finished 6-trial stub sweep that rewrote its report as trials finished;
+    stdout holds the ReportWriter's lines."""
     import contextlib
     import io
 
