@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/sweep_quality.py grid      # the grid truth: a real sweep (resumable), ~1 h here
     .venv/bin/python bench/sweep_quality.py table     # its learning curves -> bench/sweep_quality/grid_table.json
+    .venv/bin/python bench/sweep_quality.py enrich    # + metrics recomputed from the kept images (samples.png)
     .venv/bin/python bench/sweep_quality.py cost      # one evaluation's cost in training steps
     .venv/bin/python bench/sweep_quality.py replay    # every strategy x sampler seed on the table (seconds each)
-    .venv/bin/python bench/sweep_quality.py real      # real sweeps on Ray Tune must decide as their replays
+    .venv/bin/python bench/sweep_quality.py real      # real sweeps on Ray Tune, one per strategy (training)
+    .venv/bin/python bench/sweep_quality.py compare   # ... must propose and prune as their replays
     .venv/bin/python bench/sweep_quality.py figures   # figures, Spearman table and the PNG
 
 The grid (bench/sweep_quality/grid.yaml) trains every configuration of learning rate x rank x lr
@@ -23,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +91,8 @@ def make_table() -> dict:
         params = json.loads((folder / "params.json").read_text())
         keep = [{k: v for k, v in r.items() if isinstance(v, (int, float, list)) and k not in ("timestamp", "pid")}
                 for r in results]
-        runs.append({"params": {k: params[k] for k in SEARCHED}, "seed": params["seed"], "results": keep})
+        runs.append({"params": {k: params[k] for k in SEARCHED}, "seed": params["seed"], "trial_dir": folder.name,
+                     "results": keep})
     complete = [r for r in runs if r["results"] and r["results"][-1]["step"] >= r["results"][-1]["max_train_steps"]]
     table = {"spec": str(GRID_SPEC.relative_to(ROOT)), "interval": spec.eval.interval,
              "max_train_steps": spec.fixed()["max_train_steps"], "runs": complete,
@@ -96,6 +100,41 @@ def make_table() -> dict:
     TABLE.write_text(json.dumps(table, indent=None, separators=(",", ":")) + "\n")
     print(f"{len(complete)} complete runs of {len(runs)} in {TABLE} ({TABLE.stat().st_size / 1e6:.1f} MB); "
           f"trial wall time in all {table['wall_s'] / 60:.1f} min")
+    return table
+
+
+def enrich_table() -> dict:
+    """Every evaluation's suite metrics recomputed from the images its checkpoint kept (samples.png)
+    with the evaluator's current code, so that metrics added after the grid ran are in the table
+    too; the recorded objective must come out again (a check that the images are the scored ones)."""
+    from evaluator import ClipModel
+    from evaluator.score import evaluate_suite
+    from sweeps.results import experiment_path
+    from sweeps.sample_grids import read_grid
+    from sweeps.suite_scoring import base_images, training_images
+    from sweeps.trial_plan import build_plan
+    from trainer.loop import LoraTrainer
+
+    spec, table = grid_spec(), load_table()
+    plan = build_plan(spec, GRID_SPEC, local=True)
+    trainer = LoraTrainer.build(plan.train_config(table["runs"][0]["params"] | {"seed": 0}), prepared=plan.prepared)
+    clip = ClipModel.load(plan.evaluator_model, plan.evaluator_pretrained)
+    train_emb, base = clip.embed_images(training_images(trainer)), base_images(plan, trainer)
+    worst = 0.0
+    for run in table["runs"]:
+        by_step = {}
+        for ckpt in (Path(experiment_path(spec)) / run["trial_dir"]).glob("checkpoint_*"):
+            info = json.loads((ckpt / "trial.json").read_text())
+            by_step[info["metrics"]["step"]] = ckpt
+        for result in run["results"]:
+            images = read_grid(by_step[result["step"]] / "samples.png", len(plan.prompts))
+            scores = evaluate_suite(clip, plan.suite_items, images, trigger=plan.trigger_word, base_images=base,
+                                    train_emb=train_emb, weights=plan.objective_weights)
+            worst = max(worst, abs(scores["objective"] - result["objective"]))
+            result.update({k: float(v) for k, v in scores.items() if isinstance(v, float) and k not in result})
+    TABLE.write_text(json.dumps(table, separators=(",", ":")) + "\n")
+    print(f"recomputed {sum(len(r['results']) for r in table['runs'])} evaluations; "
+          f"objective differs from the recorded one by at most {worst:.2e}")
     return table
 
 
@@ -245,37 +284,45 @@ def run_replays(table: dict, eval_cost: float, variants: list[str]) -> dict:
 
 # --------------------------------------------------------------------------- real sweeps vs replays
 
-def run_real(table: dict, eval_cost: float, num_trials: int, strategies: list[str]) -> dict:
-    """Per strategy, a real sweep (Ray Tune, real training, one trial at a time) at sampler seed 0:
-    the same configs in the same order, pruned at the same steps, as its replay."""
+def run_real(num_trials: int, strategies: list[str]) -> dict:
+    """Per strategy, a real sweep (Ray Tune, real training, one trial at a time) at sampler seed 0;
+    `compare_real` then checks it proposed and pruned as its replay does. Needs no table."""
     from sweeps.results import load_records
+    from sweeps.spec import parse_spec
     from sweeps.trial_plan import build_plan
     from sweeps.tuner import run_sweep
 
     out = json.loads(REAL.read_text()) if REAL.exists() else {}
     for strategy in strategies:
-        spec = sweep_spec(strategy, 0, num_trials)
-        data = spec.model_dump()
+        data = sweep_spec(strategy, 0, num_trials).model_dump()
         data["storage"] = str(ROOT / ".cache" / "sweep_quality_real")
-        from sweeps.spec import parse_spec
-
         spec = parse_spec(data, f"{GRID_SPEC} ({strategy}, real)")
         t0 = time.perf_counter()
         run_sweep(spec, build_plan(spec, GRID_SPEC, local=False))
         rows = load_records(spec)  # in the order they were proposed
-        real = [{"config": {k: r.row.params[k] for k in SEARCHED}, "steps": r.row.steps, "state": r.row.state,
-                 "objective": r.result.metrics.get("objective")} for r in rows]
-        replayed = replay_one(table, strategy, 0, eval_cost, 10.0, num_trials)
+        out[strategy] = {"real": [{"config": {k: r.row.params[k] for k in SEARCHED}, "steps": r.row.steps,
+                                   "state": r.row.state, "objective": r.result.metrics.get("objective")} for r in rows],
+                         "wall_s": time.perf_counter() - t0}
+        print(f"{strategy}: real sweep of {len(rows)} trials in {out[strategy]['wall_s']:.0f} s", flush=True)
+        REAL.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def compare_real(table: dict, eval_cost: float) -> dict:
+    """Each real sweep against its replay at the same seed: same configs in the same order, each
+    pruned at the same step or complete, and the objective values the table recorded."""
+    out = json.loads(REAL.read_text())
+    for strategy, entry in out.items():
+        real = entry["real"]
+        replayed = replay_one(table, strategy, 0, eval_cost, 10.0, len(real))
         want = [{"config": r["config"], "steps": r["steps"][-1], "state": "pruned" if r["pruned"] else "complete",
                  "objective": r["objective"][-1]} for r in replayed]
         same = [(a["config"], a["steps"], a["state"]) == (b["config"], b["steps"], b["state"]) for a, b in zip(real, want)]
-        out[strategy] = {"real": real, "replay": want, "same_decisions": all(same) and len(real) == len(want),
-                         "max_objective_diff": max(abs(a["objective"] - b["objective"]) for a, b in zip(real, want)),
-                         "wall_s": time.perf_counter() - t0}
-        print(f"{strategy}: same trials and decisions: {out[strategy]['same_decisions']} "
-              f"(objective differs by at most {out[strategy]['max_objective_diff']:.2e}); "
-              f"{out[strategy]['wall_s']:.0f} s", flush=True)
-        REAL.write_text(json.dumps(out, indent=1) + "\n")
+        entry.update(replay=want, same_decisions=all(same) and len(real) == len(want),
+                     max_objective_diff=max(abs(a["objective"] - b["objective"]) for a, b in zip(real, want)))
+        print(f"{strategy}: {len(real)} trials, same configs and decisions as the replay: {entry['same_decisions']} "
+              f"(objective differs by at most {entry['max_objective_diff']:.2e})", flush=True)
+    REAL.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -388,7 +435,9 @@ def curves_for_plot(table: dict, replays: dict, eval_cost: float) -> dict:
             runs = replays.get(f"{strategy}|{s}")
             if runs:
                 rows.append([(w["heldout_score"] if (w := winner(runs, x * total)) else np.nan) for x in xs])
-        out[strategy] = np.nanmedian(np.array(rows, float), axis=0) if rows else None
+        with warnings.catch_warnings():  # before the first trial ends there is no winner yet (NaN)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[strategy] = np.nanmedian(np.array(rows, float), axis=0) if rows else None
     return {"x": xs, "lines": out}
 
 
@@ -412,8 +461,11 @@ def plot(table: dict, replays: dict, eval_cost: float, grid: dict, path: Path) -
     ax.grid(alpha=0.3)
     rows = [[m, f"{v['configs']:+.2f}", f"{v['runs']:+.2f}"] for m, v in grid["spearman"].items()]
     tab.axis("off")
-    t = tab.table(cellText=rows, colLabels=["metric", "Spearman (24 configs)", "(72 runs)"], loc="center")
-    t.scale(1, 1.25)
+    t = tab.table(cellText=rows, colLabels=["metric", "Spearman (24 configs)", "(72 runs)"], loc="center",
+                  colWidths=[0.52, 0.28, 0.2])
+    t.auto_set_font_size(False)
+    t.set_fontsize(8.5)
+    t.scale(1, 1.3)
     tab.set_title("Rank agreement with the held-out oracle")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -459,7 +511,7 @@ def figures(table: dict, replays: dict, eval_cost: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=["grid", "table", "cost", "replay", "real", "figures"])
+    p.add_argument("command", choices=["grid", "table", "enrich", "cost", "replay", "real", "compare", "figures"])
     p.add_argument("--real-trials", type=int, default=6, help="trials per real sweep (real)")
     p.add_argument("--strategies", nargs="*", default=None, help="for real: which (default all with pruning)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="for replay: objective variants")
@@ -470,11 +522,15 @@ def main() -> None:
         return make_table()
     if a.command == "cost":
         return measure_cost()
+    if a.command == "enrich":
+        return enrich_table()
+    if a.command == "real":
+        return run_real(a.real_trials, a.strategies or [s for s in STRATEGIES if "no pruning" not in s])
     table, eval_cost = load_table(), json.loads(COST.read_text())["eval_cost_steps"]
     if a.command == "replay":
         run_replays(table, eval_cost, a.variants)
-    elif a.command == "real":
-        run_real(table, eval_cost, a.real_trials, a.strategies or [s for s in STRATEGIES if "no pruning" not in s])
+    elif a.command == "compare":
+        compare_real(table, eval_cost)
     else:
         figures(table, json.loads(REPLAYS.read_text()), eval_cost)
 

@@ -15,6 +15,8 @@ _EXPORTS = {
     "paired_cosine": "metrics", "prior_preservation": "metrics", "trigger_effect": "metrics",
     "composite_objective": "metrics", "DEFAULT_OBJECTIVE_WEIGHTS": "metrics",
     "OBJECTIVE_COMPONENTS": "metrics", "ObjectiveWeights": "metrics",
+    "cmmd": "distribution_metrics", "clip_fd": "distribution_metrics", "clip_kid": "distribution_metrics",
+    "diversity": "distribution_metrics",
     "score_images": "score", "suite_metrics": "score", "evaluate_suite": "score",
     "PromptSuite": "suites", "SuiteItem": "suites", "SuiteError": "suites", "KINDS": "suites",
     "DEFAULT_SUITE": "suites", "default_suite": "suites", "load_suite": "suites",

@@ -1,6 +1,6 @@
-"""The evaluator service's body, without Ray: one CLIP model, a request batcher, caches of text
-embeddings and of reference-image embeddings. `evaluator.remote` runs it as a Ray actor; tests
-can drive it with asyncio alone.
+"""The evaluator service's body, without Ray: one CLIP model (and the optional judges beside it,
+`evaluator.judges`), a request batcher, caches of text embeddings and of reference-image
+embeddings. `evaluator.remote` runs it as a Ray actor; tests can drive it with asyncio alone.
 
 Each request is a coroutine; images of concurrent requests share model forwards
 (`evaluator.batching`); prompts repeat at every evaluation, so their embeddings are cached
@@ -33,20 +33,24 @@ class EvaluatorService:
     coroutine; the model runs in one worker thread, fed by `ImageBatcher`."""
 
     def __init__(self, name: str, model: str, pretrained: str | None, device: str | None,
-                 max_batch_size: int, max_wait_ms: float, torch_threads: int):
+                 max_batch_size: int, max_wait_ms: float, torch_threads: int,
+                 dino: str | None = None, aesthetic: str | None = None):
         import torch
 
         from evaluator.clip_model import ClipModel
+        from evaluator.judges import Judges
 
         torch.set_num_threads(torch_threads)
         self.name = name
-        self.config = {"model": model, "pretrained": pretrained}
+        self.config = {"model": model, "pretrained": pretrained, "dino": dino, "aesthetic": aesthetic}
         self.clip = ClipModel.load(model, pretrained, device=device)
+        self.judges = Judges.load(dino, aesthetic, self.clip)
         self.model_loads = 1
         self.embed_dim = int(self.clip.embed_texts(["x"]).shape[1])
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip")
         self.batcher = ImageBatcher(self._embed_batch, max_batch_size, max_wait_ms, self.executor)
         self.references: dict[str, np.ndarray] = {}
+        self.dino_references: dict[str, np.ndarray] = {}  # with a DINO judge: the same keys, DINO embeddings
         self.texts: OrderedDict[str, np.ndarray] = OrderedDict()
         self.counts = {"reference_hits": 0, "reference_misses": 0, "text_hits": 0,
                        "text_misses": 0, "score_calls": 0, "suite_calls": 0}
@@ -99,6 +103,13 @@ class EvaluatorService:
             self.counts["reference_hits"] += 1
         else:
             self.counts["reference_misses"] += 1
+            images = np.array(images)  # writable, for torch
+            if self.judges is not None and self.judges.dino is not None:
+                # Every reference, base-model ones too: the service does not know which key is the
+                # training images, and DINO over a suite's few no_concept images once costs little.
+                loop = asyncio.get_running_loop()
+                emb = await loop.run_in_executor(self.executor, self.judges.reference, images)
+                self.dino_references[key] = emb.numpy()
             self.references[key] = await self._embed_images(images)
         return len(self.references[key])
 
@@ -136,8 +147,15 @@ class EvaluatorService:
         img, txt = await asyncio.gather(self._embed_images(images),
                                         self._embed_texts(clip_texts(items, trigger, keep_trigger)))
         as_t = (lambda a: None if a is None else torch.from_numpy(a))
+        judged = None
+        if self.judges is not None:
+            train_dino = as_t(self.dino_references.get(train_key)) if train_key else None
+            loop = asyncio.get_running_loop()
+            # Judges.inputs indexes the concept images out (a writable copy of the read-only argument).
+            judged = await loop.run_in_executor(self.executor, self.judges.inputs, items, images,
+                                                torch.from_numpy(img), train_dino)
         return suite_metrics(items, torch.from_numpy(img), torch.from_numpy(txt), as_t(base),
-                             as_t(train), weights, scale)
+                             as_t(train), weights, scale, judged)
 
     async def stats(self) -> dict:
         b = self.batcher.stats

@@ -141,9 +141,19 @@ DEFAULT_OBJECTIVE_WEIGHTS: dict[str, float] = {
     "trigger_effect": 0.5,
 }
 OBJECTIVE_COMPONENTS = tuple(DEFAULT_OBJECTIVE_WEIGHTS)
+# The concept images against the training images and across seeds (`evaluator.distribution_metrics`):
+# reported beside the objective, never in it.
+DISTRIBUTION_METRICS = ("cmmd", "clip_fd", "clip_kid", "diversity")
 # The scalar metrics scoring reports (`evaluator.score`): CLIP-T over every prompt, per suite
-# kind, each objective component and the objective. A sweep's objective may name any of them.
-REPORTED_METRICS = ("clip_score", *(f"clip_score_{kind}" for kind in KINDS), *OBJECTIVE_COMPONENTS[1:], "objective")
+# kind, each objective component, the objective and the distribution metrics. A sweep's objective
+# may name any of them.
+REPORTED_METRICS = ("clip_score", *(f"clip_score_{kind}" for kind in KINDS), *OBJECTIVE_COMPONENTS[1:], "objective",
+                    *DISTRIBUTION_METRICS)
+# The direction that is better, for the metrics that have one whatever the sweep: the objective and
+# its components by construction, the distances between distributions. Not the per-kind CLIP-T
+# (trigger_off's text lacks the concept) nor diversity (noise is diverse too).
+GOOD_DIRECTION = {**dict.fromkeys(("clip_score", *OBJECTIVE_COMPONENTS[1:], "objective"), "max"),
+                  **dict.fromkeys(("cmmd", "clip_fd", "clip_kid"), "min")}
 
 
 class ObjectiveWeights(BaseModel):

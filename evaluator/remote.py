@@ -108,7 +108,8 @@ def start_evaluator(name: str = DEFAULT_NAME, model: str = DEFAULT_MODEL,
                     num_cpus: float = 1.0, num_gpus: float = 0.0, device: str | None = None,
                     torch_threads: int | None = None, namespace: str = NAMESPACE,
                     detached: bool = True, max_restarts: int = 1,
-                    timeout_s: float = 600.0) -> ray.actor.ActorHandle:
+                    timeout_s: float = 600.0, dino: str | None = None,
+                    aesthetic: str | None = None) -> ray.actor.ActorHandle:
     """Get or create the evaluator replicas and wait until they have loaded the model.
 
     replicas: "per_node" (one per node with room, pinned there) or an int (that many, spread).
@@ -118,8 +119,10 @@ def start_evaluator(name: str = DEFAULT_NAME, model: str = DEFAULT_MODEL,
     when the replica sees a GPU. torch_threads: intra-op threads (default: num_cpus, >= 1).
     detached: the replicas outlive the driver (a resumed sweep finds them); `stop_evaluator`
     ends them. max_restarts: Ray restarts a crashed replica (reloading the model, with an empty
-    reference cache) this many times. Returns the replica on the caller's node.
-    An existing replica serving another model is an error (stop it, or use another name).
+    reference cache) this many times. dino / aesthetic: paths of the optional judges
+    (`evaluator.judges`), loaded once per replica beside the CLIP model. Returns the replica on
+    the caller's node. An existing replica serving another model or other judges is an error
+    (stop it, or use another name).
     """
     _need_ray()
     if replicas == "per_node":
@@ -137,7 +140,7 @@ def start_evaluator(name: str = DEFAULT_NAME, model: str = DEFAULT_MODEL,
             lifetime="detached" if detached else None, num_cpus=num_cpus, num_gpus=num_gpus,
             scheduling_strategy=strategy, max_restarts=max_restarts,
             max_concurrency=1000).remote(actor_name, model, pretrained, device, max_batch_size,
-                                         max_wait_ms, threads))
+                                         max_wait_ms, threads, dino, aesthetic))
     infos = [_call(h, h.info.remote(), timeout_s, n) for (n, _), h in zip(placements, handles)]
     _NAMES.update({h._actor_id.hex(): n for (n, _), h in zip(placements, handles)})
     if not detached:  # Ray ends a non-detached actor once no handle to it is left
@@ -147,6 +150,11 @@ def start_evaluator(name: str = DEFAULT_NAME, model: str = DEFAULT_MODEL,
             raise EvaluatorError(
                 f"evaluator {info['name']!r} already serves model {info['model']!r} "
                 f"(pretrained {info['pretrained']!r}), not {model!r} ({pretrained!r}): "
+                f"stop it with stop_evaluator(name={name!r}) or choose another name")
+        if (info.get("dino"), info.get("aesthetic")) != (dino, aesthetic):
+            raise EvaluatorError(
+                f"evaluator {info['name']!r} already serves the judges dino={info.get('dino')!r}, "
+                f"aesthetic={info.get('aesthetic')!r}, not dino={dino!r}, aesthetic={aesthetic!r}: "
                 f"stop it with stop_evaluator(name={name!r}) or choose another name")
     return _pick(list(zip([n for n, _ in placements], handles)))
 

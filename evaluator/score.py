@@ -7,6 +7,8 @@ import numpy as np
 import torch
 
 from evaluator.clip_model import ClipModel, validate_images
+from evaluator.distribution_metrics import concept_distribution
+from evaluator.judge_metrics import JudgeInputs, judge_metrics
 from evaluator.metrics import (
     DEFAULT_OBJECTIVE_WEIGHTS,
     OBJECTIVE_COMPONENTS,
@@ -46,7 +48,7 @@ def score_images(model: ClipModel, images: np.ndarray, prompts: list[str],
 def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: torch.Tensor,
                   base_emb: torch.Tensor | None = None, train_emb: torch.Tensor | None = None,
                   weights: dict[str, float] | None = None,
-                  scale: float = TORCHMETRICS_SCALE) -> dict:
+                  scale: float = TORCHMETRICS_SCALE, judged: JudgeInputs | None = None) -> dict:
     """Every metric of an expanded suite, from embeddings (pure; the service calls this too).
 
     image_emb: one row per item (the LoRA's images); text_emb: one row per item (the text
@@ -59,7 +61,10 @@ def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: tor
     concept images: natural, new_setting, trigger_on), prior_preservation, trigger_effect
     (None when their inputs are missing), objective with objective_terms/objective_skipped
     (see `composite_objective`), and objective_items: the objective split over the items (their
-    mean is the objective; see `objective_items`).
+    mean is the objective; see `objective_items`). Beside the objective, not in it: cmmd, clip_fd,
+    clip_kid (concept images vs training images) and diversity (of the concept prompts across seeds),
+    see `evaluator.distribution_metrics.concept_distribution`. With `judged` (what the optional
+    judges measured, `evaluator.judges`): dino_i and/or aesthetic too (`evaluator.judge_metrics`).
     """
     check_items(items, image_emb.shape[0])
     per_image = clip_t(image_emb, text_emb, scale=scale)
@@ -78,6 +83,7 @@ def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: tor
     concept = idx(*CONCEPT_KINDS)
     out["clip_i"] = (clip_i(image_emb[concept], train_emb)
                      if train_emb is not None and concept else None)
+    out.update(concept_distribution(image_emb[concept], [items[i][1:3] for i in concept], train_emb))
     none = idx("no_concept")
     if base_emb is not None and none:
         if base_emb.shape[0] != len(none):
@@ -88,6 +94,7 @@ def suite_metrics(items: list[SuiteItem], image_emb: torch.Tensor, text_emb: tor
         out["prior_preservation"] = None
     on, off = idx("trigger_on"), idx("trigger_off")
     out["trigger_effect"] = trigger_effect(per_image[on], per_image[off]) if on else None
+    out.update(judge_metrics(items, judged))
     comp = {k: out[k] for k in OBJECTIVE_COMPONENTS}
     obj = composite_objective(comp, weights)
     out.update(objective=obj["objective"], objective_terms=obj["terms"],
@@ -127,11 +134,14 @@ def evaluate_suite(model: ClipModel, items: list[SuiteItem], images: np.ndarray,
                    trigger: str | None = None, base_images: np.ndarray | None = None,
                    train_images: np.ndarray | None = None, train_emb: torch.Tensor | None = None,
                    weights: dict[str, float] | None = None, keep_trigger: bool = False,
-                   scale: float = TORCHMETRICS_SCALE) -> dict:
+                   scale: float = TORCHMETRICS_SCALE, judges=None,
+                   train_dino_emb: torch.Tensor | None = None) -> dict:
     """`suite_metrics` of the LoRA's `images` (one per item of `expand_suite`, uint8 NHWC).
 
     base_images: the base model's images for the no_concept items (in item order);
     train_images or train_emb (precomputed): the training images, for CLIP-I.
+    judges: the optional judges (`evaluator.judges.Judges`), with train_dino_emb (precomputed
+    by `Judges.reference`) or train_images for DINO.
     """
     validate_images(images)
     check_items(items, images.shape[0])
@@ -141,7 +151,12 @@ def evaluate_suite(model: ClipModel, items: list[SuiteItem], images: np.ndarray,
     base_emb = model.embed_images(base_images) if base_images is not None else None
     if train_emb is None and train_images is not None:
         train_emb = model.embed_images(train_images)
-    return suite_metrics(items, image_emb, text_emb, base_emb, train_emb, weights, scale)
+    judged = None
+    if judges is not None:
+        if train_dino_emb is None and train_images is not None:
+            train_dino_emb = judges.reference(train_images)
+        judged = judges.inputs(items, images, image_emb, train_dino_emb)
+    return suite_metrics(items, image_emb, text_emb, base_emb, train_emb, weights, scale, judged)
 
 
 def _embed_unique(model: ClipModel, texts: list[str]) -> torch.Tensor:

@@ -15,6 +15,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 from sweeps import storage
+from sweeps.spec_checks import TRIAL_METRICS
 from sweeps.spec_schema import SweepSpec
 
 EXPERIMENT = "tune"  # Ray's experiment folder inside the sweep folder
@@ -26,9 +27,13 @@ SAMPLES_FILE = "samples.png"
 BASE_SAMPLES = "base_samples.png"  # <sweep>/base_samples.png: the base model on the eval prompts (sweeps.trainable)
 TRIAL_INFO = "trial.json"  # params, metrics, prompts and seeds of the checkpoint's evaluation
 STATE_DIR = "state"  # the trainer's exact state (safetensors + JSON)
-# Shown beside the objective in the trials table when trials report them; the oracle's metrics
-# exist in the toy world only (eval.oracle), the CLIP score everywhere.
-SHOWN_METRICS = ("clip_score", "concept_accuracy", "prior_accuracy")
+# Shown beside the objective in the trials table when trials report them: the CLIP score
+# everywhere, the oracle's accuracies in the toy world only (eval.oracle), and CMMD where the suite
+# has training images to compare with (of the distribution metrics, the one to read at a suite's
+# ~20 images). Few, so that the default table stays narrow: `--columns` shows any of TABLE_COLUMNS.
+SHOWN_METRICS = ("clip_score", "concept_accuracy", "prior_accuracy", "cmmd")
+# What a table column may name: every metric a trial reports, and the trainer's lr and speed.
+TABLE_COLUMNS = (*TRIAL_METRICS, "lr", "images_per_sec")
 STATES = {"RUNNING": "running", "PENDING": "pending", "PAUSED": "pending", "ERROR": "failed", "TERMINATED": "complete"}
 
 
@@ -42,7 +47,7 @@ class TrialRow:
     wall_s: float | None
     reason: str | None = None
     values: dict = field(default_factory=dict)  # best checkpoint's value of every objective
-    shown: dict = field(default_factory=dict)  # best checkpoint's value of each SHOWN_METRICS it has
+    metrics: dict = field(default_factory=dict)  # best checkpoint's value of every number it reported
 
 
 @dataclass
@@ -108,8 +113,23 @@ def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures
         wall_s=last.get("time_total_s"),
         reason=reason,
         values={o.metric: scored[0][1].get(o.metric) for o in spec.objectives} if scored else {},
-        shown={m: scored[0][1][m] for m in SHOWN_METRICS if scored and scored[0][1].get(m) is not None},
+        metrics={k: v for k, v in scored[0][1].items() if _number(v)} if scored else {},
     )
+
+
+class ColumnError(ValueError):
+    """A `--columns` list naming something that is not a column; the message lists the valid ones."""
+
+
+def parse_columns(text: str) -> list[str]:
+    """`--columns clip_score,cmmd,val_loss`: the metric columns of the trials table, in that order."""
+    names = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+    unknown = [c for c in names if c not in TABLE_COLUMNS]
+    if unknown or not names:
+        what = f"unknown column(s) {', '.join(unknown)}" if unknown else "no column given"
+        raise ColumnError(f"--columns: {what}; valid columns: {', '.join(TABLE_COLUMNS)} "
+                          "(trial, params, the objective, state, steps and wall time are always shown)")
+    return names
 
 
 def _pruned_trials(spec: SweepSpec, experiment: str) -> set[str]:
@@ -150,6 +170,10 @@ def scored_checkpoints(result: tune.Result, spec: SweepSpec) -> list[tuple[tune.
     return sorted(pairs, key=lambda p: sign * float(p[1][metric]))
 
 
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _finite(value) -> bool:
     try:
         return value is not None and math.isfinite(float(value))
@@ -157,13 +181,20 @@ def _finite(value) -> bool:
         return False
 
 
-def format_table(rows: list[TrialRow], spec: SweepSpec) -> str:
+def format_table(rows: list[TrialRow], spec: SweepSpec, columns: list[str] | None = None) -> str:
+    """One line per trial: id, params, the primary objective, metric columns, state, steps, wall time.
+
+    columns: the metric columns (`parse_columns`), shown even where no trial reports them ("-");
+    default: the SHOWN_METRICS that some trial reports.
+    """
     keys = sorted({k for r in rows for k in r.params})
     metric = spec.primary.metric
-    extra = [m for m in SHOWN_METRICS if m != metric and any(m in r.shown for r in rows)]
+    if columns is None:
+        columns = [m for m in SHOWN_METRICS if any(m in r.metrics for r in rows)]
+    extra = [m for m in columns if m != metric]
     header = ["trial", *keys, metric, *extra, "state", "steps", "wall s"]
     body = [
-        [r.trial_id, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.objective), *[_fmt(r.shown.get(m)) for m in extra],
+        [r.trial_id, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.objective), *[_fmt(r.metrics.get(m)) for m in extra],
          r.state, _fmt(r.steps), _fmt(r.wall_s)]
         for r in rows
     ]

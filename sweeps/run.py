@@ -1,4 +1,4 @@
-"""python sweeps/run.py --space search.yaml [--address ADDR] [--set key=value ...]
+"""python sweeps/run.py --space search.yaml [--address ADDR] [--set key=value ...] [--columns a,b,c]
                       [--dry-run | --status | --export-only | --resume | --fields]"""
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="Ray cluster address; local Ray when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set search.num_trials=4 (repeatable)")
+    p.add_argument("--columns", metavar="A,B,C", default=None,
+                   help="metric columns of the trials table (--status, --export-only, the end of a sweep), e.g. "
+                        "clip_score,cmmd,clip_kid,diversity,val_loss; default: clip_score, the toy world's accuracies "
+                        "and cmmd, where trials report them")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the resolved sweep and its cost; start nothing")
     mode.add_argument("--status", action="store_true", help="show the trials of this sweep from its storage; start nothing")
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument parsing so --help is instant.
     from sweeps.cluster_fit import SweepCannotStart
     from sweeps.export import ExportError
+    from sweeps.results import ColumnError, parse_columns
     from sweeps.spec import SpecError, load_spec
     from sweeps.storage import StorageError
 
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_fields(TrainConfig))
         return 0
     try:
+        columns = parse_columns(args.columns) if args.columns is not None else None
         spec = load_spec(args.space, args.overrides)
         if args.dry_run:
             print(describe(spec))
@@ -54,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.status:
             from sweeps.status import sweep_status
 
-            print(sweep_status(spec))
+            print(sweep_status(spec, columns))
             return 0
-        return export_only(spec) if args.export_only else sweep(spec, args)
-    except (SpecError, StorageError, FileNotFoundError, ExportError, SweepCannotStart) as err:
+        return export_only(spec, columns) if args.export_only else sweep(spec, args, columns)
+    except (SpecError, StorageError, FileNotFoundError, ExportError, SweepCannotStart, ColumnError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -85,7 +91,7 @@ def _stored_or_given(spec, source: str):
     return stored
 
 
-def sweep(spec, args) -> int:
+def sweep(spec, args, columns: list[str] | None = None) -> int:
     from sweeps.results import sweep_uri
     from sweeps.storage import check_writable
     from sweeps.stored_spec import check_against_stored, store
@@ -103,17 +109,17 @@ def sweep(spec, args) -> int:
     print(f"sweep {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at a time, "
           f"output {spec.output_dir}", flush=True)
     run_sweep(spec, plan, args.address, resume=args.resume)
-    return export_only(spec)
+    return export_only(spec, columns)
 
 
-def export_only(spec) -> int:
+def export_only(spec, columns: list[str] | None = None) -> int:
     from sweeps.export import export_sweep
     from sweeps.report import finish_report
     from sweeps.results import format_table, load_records, sweep_uri
     from sweeps.tracking import summary_run, sync_command
 
     records = load_records(spec)
-    print("\n" + format_table([r.row for r in records], spec))
+    print("\n" + format_table([r.row for r in records], spec, columns))
     with summary_run(spec) as run:
         result = export_sweep(spec, records, run=run)
         try:

@@ -12,17 +12,36 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from evaluator.metrics import OBJECTIVE_COMPONENTS, REPORTED_METRICS, ObjectiveWeights
+from evaluator.judge_metrics import JUDGE_METRICS
+from evaluator.metrics import GOOD_DIRECTION, OBJECTIVE_COMPONENTS, REPORTED_METRICS, ObjectiveWeights
 from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
-from sweeps.spec_schema import EvalSpec, ObjectiveSpec, ParamSpace, PrunerSpec, ResourcesSpec, SearchSpec, SweepSpec, search_order
+from sweeps.spec_schema import (
+    EvalSpec,
+    EvaluatorSpec,
+    ObjectiveSpec,
+    ParamSpace,
+    PrunerSpec,
+    ResourcesSpec,
+    SearchSpec,
+    SweepSpec,
+    search_order,
+)
 from toyworld.lora_task import HELDOUT_METRICS
 from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, TrainConfigError, format_validation_error
 from trainer.validation import VALIDATION_METRICS
 
 # What a trial reports and an objective may name: the training loss, the evaluator's scores, the
-# trainer's validation loss and, with `eval.oracle: toy_world`, the oracle's.
-TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS, *HELDOUT_METRICS)
+# trainer's validation loss, with `eval.oracle: toy_world` the oracle's and with a judge configured its metric.
+TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS)
+# The better mode of the trial metrics that have one in every sweep (losses and distances down,
+# scores and accuracies up): an objective asking the other way would search, prune and export
+# for the worst trials.
+GOOD_MODES = {**GOOD_DIRECTION, **dict.fromkeys(("loss", *VALIDATION_METRICS), "min"),
+              **dict.fromkeys((*ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS), "max")}
+# Each judge's metric, its `evaluator.<key>`, and what to give there.
+JUDGES = {"dino_i": ("dino", "the folder of a local DINO/DINOv2 model, config.json + model.safetensors"),
+          "aesthetic": ("aesthetic", "a LAION aesthetic head file, .pth or .safetensors, for the evaluator's CLIP model")}
 
 
 def space_problems(spec: SweepSpec) -> list[str]:
@@ -106,6 +125,11 @@ def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> lis
             out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(TRIAL_METRICS)}")
         if o.metric in seen:
             out.append(f"{path}: {o.metric!r} is listed twice")
+        good = GOOD_MODES.get(o.metric)
+        if good is not None and o.mode != good:
+            better = "lower" if good == "min" else "higher"
+            follows = " (the pruner and the export follow the primary objective's mode)" if i == 0 else ""
+            out.append(f"{path.removesuffix('.metric')}.mode: {o.metric!r} is better {better}; set mode: {good}{follows}")
         if o.metric in (*ORACLE_METRICS, *HELDOUT_METRICS) and _eval_oracle(spec) is None:
             out.append(f"{path}: {o.metric!r} comes from the toy world's pixel oracle; set eval.oracle: "
                        "toy_world (built-in toy world only) or optimise a CLIP metric such as objective")
@@ -272,6 +296,24 @@ def _eval_problems(spec: SweepSpec, ev: EvalSpec) -> list[str]:
     return []
 
 
+def _judge_problems(spec: SweepSpec, evaluator: EvaluatorSpec, ev: EvalSpec | None,
+                    objectives: list[ObjectiveSpec]) -> list[str]:
+    """The optional judges: a metric only with its judge, a judge only with a suite. Their files are
+    inputs, checked with the base model and the dataset (`sweeps.trial_plan.input_problems`)."""
+    out = []
+    single = not isinstance(getattr(spec, "objective", None), list)
+    for i, o in enumerate(objectives):
+        if o.metric in JUDGES and not getattr(evaluator, JUDGES[o.metric][0]):
+            key, what = JUDGES[o.metric]
+            out.append(f"{'objective.metric' if single else f'objective[{i}].metric'}: {o.metric!r} comes from an "
+                       f"optional judge that is not configured; set evaluator.{key}: <path> ({what}), "
+                       "or optimise another metric")
+    if ev is not None and ev.suite is None:
+        out += [f"evaluator.{key}: the judges score a prompt suite's images; set eval.suite (examples/suites/) "
+                f"or remove evaluator.{key}" for key in ("dino", "aesthetic") if getattr(evaluator, key)]
+    return out
+
+
 def cross_problems(spec: SweepSpec) -> list[str]:
     """Checks across sections, each run on the sections that validated on their own."""
     params = _valid_params(spec)
@@ -290,6 +332,9 @@ def cross_problems(spec: SweepSpec) -> list[str]:
         out += _resource_problems(resources)
     if ev:
         out += _eval_problems(spec, ev)
+    evaluator = _section(spec, "evaluator", EvaluatorSpec)
+    if evaluator:
+        out += _judge_problems(spec, evaluator, ev, objectives)
     return out
 
 

@@ -110,6 +110,20 @@ class EvalSpec(_Strict):
 class EvaluatorSpec(_Strict):
     model: str = Field(DEFAULT_MODEL, description="open_clip model name, or builtin:tiny-clip.")
     pretrained: str | None = Field(DEFAULT_PRETRAINED, description="open_clip pretrained tag or local checkpoint path.")
+    dino: str | None = Field(
+        None, description="Optional judge: a local Hugging Face folder (config.json + model.safetensors) of a DINO "
+        "ViTModel (e.g. facebook/dino-vits16) or a Dinov2Model; every evaluation then reports dino_i, DreamBooth's "
+        "DINO subject fidelity (evaluator.judge_metrics).")
+    aesthetic: str | None = Field(
+        None, description="Optional judge: a LAION aesthetic head file (.pth or .safetensors: the improved-aesthetic-"
+        "predictor MLP or the original linear head) made for this CLIP model's embeddings; every evaluation then "
+        "reports aesthetic, the mean predicted score of the prompt images.")
+
+    def judge_paths(self) -> dict[str, str | None]:
+        """{"dino", "aesthetic"}: each configured judge's path made absolute (relative to the working
+        directory, as base_model), so that a Ray worker started elsewhere finds it."""
+        return {k: str(Path(v).expanduser().resolve()) if v else None
+                for k, v in (("dino", self.dino), ("aesthetic", self.aesthetic))}
 
 
 class ObjectiveSpec(_Strict):

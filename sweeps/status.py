@@ -9,10 +9,11 @@ from sweeps.results import experiment_path, format_table, load_records, sweep_ur
 from sweeps.spec_schema import SweepSpec
 
 
-def sweep_status(spec: SweepSpec) -> str:
-    """A table of every trial (params, objective, state, steps, wall time) and whether an export exists."""
+def sweep_status(spec: SweepSpec, columns: list[str] | None = None) -> str:
+    """A table of every trial (params, objective, metric `columns`, state, steps, wall time) and
+    whether an export exists."""
     records = load_records(spec)
-    lines = [f"sweep {spec.name} at {experiment_path(spec)}", "", format_table([r.row for r in records], spec)]
+    lines = [f"sweep {spec.name} at {experiment_path(spec)}", "", format_table([r.row for r in records], spec, columns)]
     lines.append("\n" + format_importances(param_importances(load_sweep_study(spec), spec)))
     manifest = storage.join(sweep_uri(spec), EXPORT_DIR, MANIFEST)
     lines.append(f"\nexport: {manifest}" if storage.exists(manifest) else "\nexport: not yet (written when the sweep ends)")

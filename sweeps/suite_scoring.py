@@ -1,5 +1,6 @@
 """Scoring a trial's samples on a prompt suite: CLIP-T per kind, CLIP-I, prior preservation,
-trigger effect and the composite objective (weighted by the spec's `objective.weights`).
+trigger effect and the composite objective (weighted by the spec's `objective.weights`), and the
+optional judges' dino_i and aesthetic when the spec configures them (`evaluator.judges`).
 
 The references are made once and kept in the shared evaluator: the training images, and the base
 model's images of the `no_concept` items. The latter depend on everything that changes what the
@@ -151,14 +152,19 @@ def _remote(plan, trainer, base_key) -> Scorer:
 
 def _local(plan, trainer, base_key) -> Scorer:
     from evaluator import ClipModel  # torch and open_clip: only where the model runs
+    from evaluator.judges import Judges
     from evaluator.score import evaluate_suite
 
     clip = ClipModel.load(plan.evaluator_model, plan.evaluator_pretrained)
-    train_emb = clip.embed_images(training_images(trainer))
+    judges = Judges.load(plan.evaluator_dino, plan.evaluator_aesthetic, clip)
+    train = training_images(trainer)
+    train_emb = clip.embed_images(train)
+    train_dino = judges.reference(train) if judges else None  # once per trial, as train_emb
     base = base_images(plan, trainer, base_key) if base_key else None
 
     def score(images: np.ndarray, prompts: list[str]) -> dict:
         return evaluate_suite(clip, plan.suite_items, images, trigger=plan.trigger_word, base_images=base,
-                              train_emb=train_emb, weights=plan.objective_weights)
+                              train_emb=train_emb, weights=plan.objective_weights, judges=judges,
+                              train_dino_emb=train_dino)
 
     return score

@@ -47,15 +47,17 @@ class TrialPlan:
     evaluator_actor: str | None = None  # the shared evaluator's actor name, set by the driver
     tracking: dict | None = None  # sweeps.tracking.trial_settings(spec)
     objective_weights: dict[str, float] | None = None  # `objective.weights` (None: the defaults)
+    evaluator_dino: str | None = None  # the optional judges' absolute paths (`evaluator.dino`, `.aesthetic`)
+    evaluator_aesthetic: str | None = None
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
 
 
 def input_problems(spec: SweepSpec, local: bool) -> list[str]:
-    """What is wrong with the spec's base model, dataset and resources on this machine, found
-    without loading a model: each as `key: message`. `local` (no --address): the trial's CPUs and
-    GPUs must fit this machine."""
+    """What is wrong with the spec's base model, dataset, optional judges' files and resources on
+    this machine, found without loading a model: each as `key: message`. `local` (no --address):
+    the trial's CPUs and GPUs must fit this machine."""
     problems = []
     try:
         resolve_base_model(spec.base_model)
@@ -65,6 +67,12 @@ def input_problems(spec: SweepSpec, local: bool) -> list[str]:
         detect_dataset_type(resolve_dataset(spec.dataset))
     except DatasetError as err:
         problems.append(f"dataset: {err}")
+    paths = spec.evaluator.judge_paths()
+    if any(paths.values()):  # read, not loaded: a DINO folder's config and weights header, a head's keys and width
+        from evaluator.judges import judge_problems
+
+        problems += [f"evaluator.{key}: {msg}" for key, msg in
+                     judge_problems(paths["dino"], paths["aesthetic"], spec.evaluator.model).items()]
     if local:
         import torch
 
@@ -99,6 +107,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
         evaluator_model=spec.evaluator.model, evaluator_pretrained=spec.evaluator.pretrained,
         cpus_per_trial=spec.resources.cpus_per_trial,
         objective_weights=spec.objective_weights(),
+        evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
     )
 
 

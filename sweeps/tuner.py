@@ -155,7 +155,7 @@ def _start_evaluator(spec: SweepSpec):
     # No CPU reserved: it computes in short bursts between trainings, and a held CPU would idle
     # most of the time (on a small machine it would hold back a trial).
     return start_evaluator(name=name, model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
-                           num_cpus=0, torch_threads=1)
+                           num_cpus=0, torch_threads=1, **spec.evaluator.judge_paths())
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:

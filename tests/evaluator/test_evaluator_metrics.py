@@ -27,6 +27,7 @@ from evaluator import (
     suite_metrics,
     trigger_effect,
 )
+from evaluator.distribution_metrics import clip_fd, clip_kid, cmmd, diversity
 from evaluator.metrics import REPORTED_METRICS
 from evaluator.suites import clip_texts, drop_word
 
@@ -191,7 +192,8 @@ def test_suite_metrics_equal_independent_computation():
     rng = np.random.default_rng(3)
     kinds = (["natural"] * 2 + ["new_setting"] * 2 + ["no_concept"] * 3 + ["trigger_on"] * 2
              + ["trigger_off"] * 2)
-    items = [SuiteItem(k, f"p{i}", i) for i, k in enumerate(kinds)]
+    # Two seeds of each prompt (p0, p0, p1, p1, ...): the concept prompts have a diversity.
+    items = [SuiteItem(k, f"p{i // 2}", i) for i, k in enumerate(kinds)]
     img, txt = rng.normal(size=(11, 16)), rng.normal(size=(11, 16))
     txt[:11] += img * 1.5  # mostly positive cosines
     base, train = rng.normal(size=(3, 16)), rng.normal(size=(4, 16))
@@ -212,12 +214,22 @@ def test_suite_metrics_equal_independent_computation():
     want = (out["clip_score"] + 10 * out["clip_i"] + 10 * out["prior_preservation"]
             + 0.5 * out["trigger_effect"])
     assert out["objective"] == pytest.approx(want, abs=1e-4) and out["objective_skipped"] == []
+    # The concept images against the training images, beside the objective and not in it.
+    assert out["cmmd"] == pytest.approx(cmmd(img[concept], train), abs=1e-6)
+    assert out["clip_fd"] == pytest.approx(clip_fd(img[concept], train), abs=1e-6)
+    assert out["clip_kid"] == pytest.approx(clip_kid(img[concept], train), abs=1e-9)
+    assert out["diversity"] == pytest.approx(diversity(img[concept], ["p0", "p0", "p1", "p1", "p3", "p4"]), abs=1e-6)
+    assert min(out["clip_fd"], out["diversity"]) > 0  # (cmmd, unbiased, may be below 0 for two random sets)
     # A suite with every kind reports exactly the metrics a sweep's objective may name.
     scalars = {k for k, v in out.items() if isinstance(v, float)}
     assert scalars == set(REPORTED_METRICS)
 
     bare = suite_metrics(items[:4], t(img[:4]), t(txt[:4]))
     assert bare["clip_i"] is bare["prior_preservation"] is bare["trigger_effect"] is None
+    assert bare["cmmd"] is bare["clip_fd"] is bare["clip_kid"] is None  # no training images
+    assert bare["diversity"] == pytest.approx(diversity(img[:4], ["p0", "p0", "p1", "p1"]), abs=1e-6)
+    one = suite_metrics(items[:1], t(img[:1]), t(txt[:1]), train_emb=t(train))  # one concept image
+    assert one["cmmd"] is one["clip_kid"] is one["diversity"] is None and one["clip_i"] is not None
     assert bare["objective"] == pytest.approx(bare["clip_score"])
     assert bare["objective_skipped"] == ["clip_i", "prior_preservation", "trigger_effect"]
     assert "clip_score_no_concept" not in bare

@@ -82,6 +82,12 @@ CASES = [
     ("too many CPUs", None, ["resources.cpus_per_trial=4096"], None,
      ["resources.cpus_per_trial: 4096 CPUs per trial, but this machine has"]),
     ("invalid choice value", None, ["space.rank={type: choice, values: [0, 4]}"], None, ["space.rank: value 0 is invalid"]),
+    ("missing DINO judge", None, ["evaluator.dino=/nonexistent/dino-vits16"], None,
+     ["evaluator.dino: /nonexistent/dino-vits16: not found", "save_pretrained"]),
+    ("missing aesthetic head", None, ["evaluator.aesthetic=/nonexistent/sac+logos+ava1-l14-linearMSE.pth"], None,
+     ["evaluator.aesthetic: /nonexistent/sac+logos+ava1-l14-linearMSE.pth: not found", ".pth or .safetensors"]),
+    ("objective from an unconfigured judge", None, ["objective={metric: dino_i, mode: max}"], None,
+     ["objective.metric: 'dino_i' comes from an optional judge that is not configured; set evaluator.dino"]),
 ]
 
 

@@ -252,6 +252,32 @@ def test_field_errors_do_not_hide_combination_problems():
 def test_val_loss_is_an_objective_to_minimise():
     spec = parse_spec(_base(objective={"metric": "val_loss", "mode": "min"}))
     assert (spec.primary.metric, spec.primary.mode) == ("val_loss", "min")
+    assert "objective.mode: 'val_loss' is better lower; set mode: min" in _problems(objective={"metric": "val_loss"})
+
+
+def test_an_objective_against_its_metrics_direction_is_refused():
+    text = _problems(objective={"metric": "cmmd", "mode": "max"})
+    assert ("objective.mode: 'cmmd' is better lower; set mode: min (the pruner and the export follow the primary "
+            "objective's mode)") in text
+    two = [{"metric": "clip_score", "mode": "max"}, {"metric": "clip_kid", "mode": "max"}]
+    text = _problems(objective=two, search={"sampler": "nsga2", "num_trials": 8}, pruner={"type": "none"})
+    assert "objective[1].mode: 'clip_kid' is better lower; set mode: min" in text
+    assert "objective[0]" not in text
+    assert "objective.mode: 'prior_preservation' is better higher; set mode: max" in _problems(
+        objective={"metric": "prior_preservation", "mode": "min"})
+    # The pruners follow the primary objective: a lower-is-better one prunes the highest values.
+    from sweeps.pruning import make_scheduler
+
+    for pruner in ({"type": "median", "options": {"n_startup_trials": 2}}, {"type": "asha", "options": {"max_t": 400}}):
+        spec = parse_spec(_base(objective={"metric": "clip_fd", "mode": "min"}, pruner=pruner))
+        scheduler = make_scheduler(spec)
+        assert (scheduler._metric, scheduler._mode) == ("clip_fd", "min")
+        assert "objective.mode: 'clip_fd'" in _problems(objective={"metric": "clip_fd", "mode": "max"}, pruner=pruner)
+    # Metrics without one good direction take either mode.
+    for metric, mode in (("diversity", "min"), ("diversity", "max"), ("clip_score_trigger_off", "min")):
+        assert parse_spec(_base(objective={"metric": metric, "mode": mode})).primary.mode == mode
+    # An unknown name still lists what trials report, the distribution metrics among them.
+    assert "cmmd, clip_fd, clip_kid, diversity" in _problems(objective={"metric": "fid", "mode": "min"})
 
 
 def test_objective_weights_parse_into_every_component():

@@ -161,3 +161,62 @@ def test_objective_weights_reach_the_score(suite_setup):
     assert default["objective"] == pytest.approx(sum(DEFAULT_OBJECTIVE_WEIGHTS[k] * default[k] for k in OBJECTIVE_COMPONENTS))
     for key in OBJECTIVE_COMPONENTS:  # every component is still reported, whatever its weight
         assert weighted[key] == pytest.approx(default[key]) and weighted[key] is not None
+
+
+@pytest.fixture(scope="module")
+def judged_plan(suite_setup, tmp_path_factory):
+    """The suite's plan with both judges configured in its spec (tiny ones the test builds), and
+    the transformers model and head state to score by hand."""
+    from sweeps.spec_schema import EvaluatorSpec
+    from tests.evaluator.judge_builders import tiny_dino, tiny_head
+
+    spec, _, _ = suite_setup
+    root = tmp_path_factory.mktemp("judges")
+    _, model, proc = tiny_dino(root / "dino")
+    state = tiny_head(root / "head.safetensors", "mlp", 32)  # the tiny CLIP's width
+    evaluator = EvaluatorSpec(model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
+                              dino=str(root / "dino"), aesthetic=str(root / "head.safetensors"))
+    plan = build_plan(spec.model_copy(update={"evaluator": evaluator}))
+    assert (plan.evaluator_dino, plan.evaluator_aesthetic) == (str(root / "dino"), str(root / "head.safetensors"))
+    return plan, model, proc, state
+
+
+def test_judges_reach_the_suite_score(suite_setup, judged_plan):
+    from evaluator import ClipModel
+    from tests.evaluator.judge_builders import dino_cls, head_by_hand
+
+    spec, plain_plan, trainer = suite_setup
+    plan, model, proc, state = judged_plan
+    images = trainer.sample(plan.prompts, plan.seeds)
+    scores = make_suite_scorer(plan, trainer)(images, plan.prompts)
+    kinds = [it.kind for it in plan.suite_items]
+    concept = [i for i, k in enumerate(kinds) if k in ("natural", "new_setting", "trigger_on")]
+    gen = dino_cls(model, proc(images=list(images[concept]), return_tensors="pt")["pixel_values"])
+    ref = dino_cls(model, proc(images=list(training_images(trainer)), return_tensors="pt")["pixel_values"])
+    assert scores["dino_i"] == pytest.approx(float((gen @ ref.T).mean()), abs=1e-5)
+    emb = ClipModel.load(spec.evaluator.model, spec.evaluator.pretrained, device="cpu").embed_images(images)
+    prompt_kinds = [i for i, k in enumerate(kinds) if k in ("natural", "new_setting", "no_concept")]
+    assert scores["aesthetic"] == pytest.approx(float(head_by_hand(state, emb)[prompt_kinds].mean()), abs=1e-4)
+    # Without the judges the report has no such keys, and the CLIP metrics are unchanged by them.
+    plain = make_suite_scorer(plain_plan, trainer)(images, plan.prompts)
+    assert not {"dino_i", "aesthetic"} & set(plain)
+    for key in ("clip_score", "clip_i", "prior_preservation", "objective"):
+        assert scores[key] == pytest.approx(plain[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_shared_service_reports_the_judges_as_the_local_scorer(suite_setup, judged_plan, ray_local):
+    from evaluator.remote import start_evaluator, stop_evaluator
+
+    spec, _, trainer = suite_setup
+    plan = judged_plan[0]
+    images = trainer.sample(plan.prompts, plan.seeds)
+    local = make_suite_scorer(plan, trainer)(images, plan.prompts)
+    start_evaluator(name="suite-judges", model=spec.evaluator.model, pretrained=spec.evaluator.pretrained, replicas=1,
+                    num_cpus=0, detached=False, dino=plan.evaluator_dino, aesthetic=plan.evaluator_aesthetic)
+    try:
+        remote = make_suite_scorer(replace(plan, evaluator_actor="suite-judges"), trainer)(images, plan.prompts)
+    finally:
+        stop_evaluator(name="suite-judges")
+    for key in ("dino_i", "aesthetic", "clip_i", "objective"):
+        assert remote[key] == pytest.approx(local[key], rel=1e-3, abs=1e-3), key

@@ -41,13 +41,17 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     assert info["objective"]["metric"] == "objective"
     # The toy world's oracle metrics are reported beside the CLIP ones.
     assert 0 <= info["metrics"]["concept_accuracy"] <= 1 and 0 <= info["metrics"]["prior_accuracy"] <= 1
+    # So are the concept images' distances to the training images, their diversity, val_loss and the held-out oracle.
+    for name in ("cmmd", "clip_fd", "clip_kid", "diversity", "val_loss", "heldout_score"):
+        assert isinstance(info["metrics"][name], float), name
+    assert info["metrics"]["clip_fd"] >= 0 and 0 <= info["metrics"]["diversity"] <= 2
     # The table lists all three trials with the oracle's columns, and the winner has its best score.
     # (the demo's median pruner may stop the third trial early: "pruned")
     header = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("trial "))
-    assert header[-8:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "state", "steps", "wall", "s"]
+    assert header[-9:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "cmmd", "state", "steps", "wall", "s"]
     table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 4 and ln.split()[-3] in ("complete", "pruned")]
     assert len(table) == 3, proc.stdout
-    scores = [float(ln.split()[-7]) for ln in table]
+    scores = [float(ln.split()[-8]) for ln in table]
     assert info["objective"]["value"] == pytest.approx(max(scores), rel=1e-3)
     # best_samples.png: labelled rows for the base model, the winner and the worst trial.
     from PIL import Image

@@ -67,8 +67,9 @@ def test_offline_sweep_logs_metrics_images_and_artifact_without_the_key(tmp_path
         rows = read_history(path)
         assert [r["step"] for r in rows] == [2, 4]
         for row in rows:
-            # The toy world's oracle metrics go to W&B beside the CLIP ones.
+            # The toy world's oracle metrics go to W&B beside the CLIP ones, the distribution metrics too.
             assert {"clip_score", "objective", "concept_accuracy", "prior_accuracy", "loss", "lr"} <= set(row)
+            assert {"cmmd", "clip_fd", "clip_kid", "diversity", "val_loss", "heldout_score"} <= set(row)
             # One labelled grid per evaluation: the demo suite's 10 distinct prompts as rows, its 4 seeds as
             # columns, 128 px cells beside the prompts' labels.
             assert row["eval_grid/_type"] == "image-file" and row["eval_grid/caption"] == f"step {row['step']}"
