@@ -89,8 +89,9 @@ def _dominates(a: Candidate, b: Candidate, spec: SweepSpec) -> bool:
     return better
 
 
-def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None) -> ExportResult:
-    """Export the sweep's winners into its storage and return where the winner is."""
+def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None, run=None) -> ExportResult:
+    """Export the sweep's winners into its storage and return where the winner is; the winner's
+    W&B artifact goes on `run` (sweeps.tracking.summary_run) when given."""
     records = load_records(spec) if records is None else records
     everyone = ranked(records, spec)
     chosen = choose(records, spec, everyone)
@@ -122,7 +123,7 @@ def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None) -> E
 
     # The artifact mirrors the sweep folder (export/manifest.json + export/rank1/...) so pull verifies it the same way.
     log_winner(spec, {**{f"{EXPORT_DIR}/rank1/{p.name}": p for p in best_files},
-                      f"{EXPORT_DIR}/{MANIFEST}": _local_manifest(staging, manifest)}, manifest["entries"][0])
+                      f"{EXPORT_DIR}/{MANIFEST}": _local_manifest(staging, manifest)}, manifest["entries"][0], run=run)
     shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(best=best, manifest=manifest, manifest_uri=manifest_uri)
 

@@ -65,12 +65,13 @@ def experiment_path(spec: SweepSpec) -> str:
     return storage.join(sweep_uri(spec), EXPERIMENT)
 
 
-def load_records(spec: SweepSpec) -> list[TrialRecord]:
-    """Every trial of the sweep, read from its storage, in creation order."""
+def load_records(spec: SweepSpec, trials: list | None = None) -> list[TrialRecord]:
+    """Every trial of the sweep, read from its storage, in creation order; `trials`: a running
+    sweep's in-memory Tune trials instead of its last saved experiment state (sweeps.report)."""
     experiment = experiment_path(spec)
     if not tune.Tuner.can_restore(experiment):
         raise FileNotFoundError(f"{experiment}: no sweep state here yet (has the sweep started? is `storage:` right?)")
-    analysis = ExperimentAnalysis(experiment)
+    analysis = ExperimentAnalysis(experiment, trials=trials)
     grid = ResultGrid(analysis)
     pruned = _pruned_trials(spec, experiment)
     failures = storage.join(sweep_uri(spec), FAILURES)

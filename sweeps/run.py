@@ -114,12 +114,18 @@ def sweep(spec, args, columns: list[str] | None = None) -> int:
 
 def export_only(spec, columns: list[str] | None = None) -> int:
     from sweeps.export import export_sweep
-    from sweeps.results import format_table, load_records
-    from sweeps.tracking import sync_command
+    from sweeps.report import finish_report
+    from sweeps.results import format_table, load_records, sweep_uri
+    from sweeps.tracking import summary_run, sync_command
 
     records = load_records(spec)
     print("\n" + format_table([r.row for r in records], spec, columns))
-    result = export_sweep(spec, records)
+    with summary_run(spec) as run:
+        result = export_sweep(spec, records, run=run)
+        try:
+            print(f"\nreport: {finish_report(spec, records, run)}")
+        except Exception as err:  # the export is done; a report that fails must not hide it
+            print(f"\nreport not written ({type(err).__name__}: {err}); try: python sweeps/report.py {sweep_uri(spec)}")
     command = sync_command(spec)
     if command:
         print(f"\nW&B offline runs; upload them with:\n  {command}")

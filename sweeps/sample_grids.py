@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -13,18 +14,19 @@ COLUMNS = 4  # images per row of an evaluation's grid (samples.png)
 _LABEL_W, _HEADER_LINES, _LINE_H, _PAD = 190, 4, 11, 4
 
 
-def save_grid(images: np.ndarray, path: Path, columns: int = COLUMNS) -> None:
-    """The eval samples (uint8 NHWC) side by side, `columns` per row, for people to look at."""
+def save_grid(images: np.ndarray, path: Path | BinaryIO, columns: int = COLUMNS, **save_options) -> None:
+    """The eval samples (uint8 NHWC) side by side, `columns` per row, for people to look at.
+    `save_options` go to PIL's Image.save (a file object needs `format=`)."""
     n, h, w, _ = images.shape
     rows = -(-n // columns)
     grid = np.zeros((rows * h, min(n, columns) * w, 3), dtype=np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, columns)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-    Image.fromarray(grid).save(path)
+    Image.fromarray(grid).save(path, **save_options)
 
 
-def read_grid(path: Path, count: int, columns: int = COLUMNS) -> np.ndarray:
+def read_grid(path: Path | BinaryIO, count: int, columns: int = COLUMNS) -> np.ndarray:
     """The `count` images of a grid that `save_grid` wrote (PNG is lossless: they are exact)."""
     grid = np.asarray(Image.open(path).convert("RGB"))
     rows, cols = -(-count // columns), min(count, columns)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sweeps import storage
 from sweeps.export import EXPORT_DIR, MANIFEST
+from sweeps.importance import format_importances, load_sweep_study, param_importances
 from sweeps.results import experiment_path, format_table, load_records, sweep_uri
 from sweeps.spec_schema import SweepSpec
 
@@ -13,6 +14,7 @@ def sweep_status(spec: SweepSpec, columns: list[str] | None = None) -> str:
     whether an export exists."""
     records = load_records(spec)
     lines = [f"sweep {spec.name} at {experiment_path(spec)}", "", format_table([r.row for r in records], spec, columns)]
+    lines.append("\n" + format_importances(param_importances(load_sweep_study(spec), spec)))
     manifest = storage.join(sweep_uri(spec), EXPORT_DIR, MANIFEST)
     lines.append(f"\nexport: {manifest}" if storage.exists(manifest) else "\nexport: not yet (written when the sweep ends)")
     return "\n".join(lines)

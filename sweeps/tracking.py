@@ -9,9 +9,11 @@ the settings handed to trials, the spec, or any file this project writes. Offlin
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,33 +61,83 @@ class TrialTracker:
         )
 
     def log_evaluation(self, metrics: dict, images: np.ndarray, prompts: list[str], seeds: list[int]) -> None:
+        """The metrics and one labelled grid of the evaluation's images: prompts as rows, seeds as columns."""
         import wandb
 
-        samples = [wandb.Image(im, caption=f"{p} (seed {s})") for im, p, s in zip(images, prompts, seeds)]
+        from sweeps.xyz_grids import prompt_seed_grid
+
+        step = int(metrics["step"])
+        grid = prompt_seed_grid(images, prompts, seeds, f"step {step}: prompts x seeds", max_rows=len(prompts))
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # not the per-item lists
-        self.run.log({**scalars, "eval_samples": samples}, step=int(metrics["step"]))
+        self.run.log({**scalars, "eval_grid": wandb.Image(grid.image(), caption=f"step {step}")}, step=step)
 
     def finish(self) -> None:
         self.run.finish()
 
 
-def log_winner(spec: SweepSpec, files: dict[str, Path], metadata: dict) -> str | None:
-    """The export as a model artifact (files by their name in it) with aliases `best` and the sweep id."""
+@contextlib.contextmanager
+def summary_run(spec: SweepSpec):
+    """The sweep's summary run (the winner, the trials table, parameter importance, the report);
+    yields None when tracking is off."""
     settings = trial_settings(spec)
     if settings is None:
-        return None
+        yield None
+        return
     import wandb
 
     _environment(settings)
     run = wandb.init(project=settings["project"], entity=settings["entity"], group=spec.name,
-                     job_type="export", name=f"{spec.name}-export", dir=settings["dir"], mode=settings["mode"])
+                     job_type="summary", name=f"{spec.name}-summary", dir=settings["dir"], mode=settings["mode"])
+    try:
+        yield run
+    finally:
+        run.finish()
+
+
+def log_winner(spec: SweepSpec, files: dict[str, Path], metadata: dict, run=None) -> str | None:
+    """The export as a model artifact (files by their name in it) with aliases `best` and the sweep id,
+    on `run` (the summary run), or on a summary run of its own."""
+    if run is None:
+        with summary_run(spec) as own:
+            return None if own is None else log_winner(spec, files, metadata, own)
+    import wandb
+
     artifact = wandb.Artifact(f"lora-{spec.name}", type="model", metadata=metadata)
     for name, path in files.items():
         artifact.add_file(str(path), name=name)
     run.log_artifact(artifact, aliases=["best", spec.name])
-    folder = run.dir
-    run.finish()
-    return folder
+    return run.dir
+
+
+def log_sweep_summary(run, spec: SweepSpec, header: list[str], rows: list[list], importances: list,
+                      report_index: str) -> None:
+    """On the summary run: a wandb.Table of the trials (sweeps.report_data.table), parameter
+    importance (sweeps.importance.Importance) as a table and a bar chart per objective, and the
+    report folder (index.html + its PNG grids) as an artifact."""
+    import wandb
+
+    from sweeps import storage
+
+    logged = {"trials": wandb.Table(columns=header, data=[[_cell(v) for v in r] for r in rows], allow_mixed_types=True)}
+    for imp in importances:
+        imp_table = wandb.Table(columns=["parameter", "importance"], data=[[k, v] for k, v in imp.values.items()])
+        logged[f"importance/{imp.metric}"] = imp_table
+        if imp.values:
+            logged[f"importance/{imp.metric}_chart"] = wandb.plot.bar(
+                imp_table, "parameter", "importance", title=f"{imp.metric}: {imp.method} importance ({imp.trials} trials)")
+    run.log(logged)
+    folder = report_index.rsplit("/", 1)[0]
+    artifact = wandb.Artifact(f"report-{spec.name}", type="report", metadata={"sweep": spec.name, "trials": len(rows)})
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel in ["index.html", *(f"xyz/{n}" for n in storage.listdir(storage.join(folder, "xyz")) if n.endswith(".png"))]:
+            storage.copy_file(storage.join(folder, rel), Path(tmp) / rel)
+        artifact.add_dir(tmp)  # copied into W&B's staging area now: the folder may go
+    run.log_artifact(artifact, aliases=["latest", spec.name])
+
+
+def _cell(value):
+    """A table cell W&B can type: a number, text or None (a choice may hold booleans or lists)."""
+    return value if value is None or (isinstance(value, (int, float, str)) and not isinstance(value, bool)) else str(value)
 
 
 def sync_command(spec: SweepSpec) -> str | None:

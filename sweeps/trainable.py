@@ -22,6 +22,7 @@ from ray import tune
 
 from evaluator.remote import connect_evaluator, score_remote
 from sweeps import storage
+from sweeps.eval_images import save_eval_images
 from sweeps.results import BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.sample_grids import save_grid
 from sweeps.suite_scoring import make_suite_scorer
@@ -70,6 +71,7 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
                 scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
                           **heldout_scores(trainer.sample, plan.trigger_word)}
             metrics = _metrics(trainer, history, scores, resumed_from)
+            save_eval_images(plan.sweep_uri, trial_id, trainer.global_step, images)  # the report's steps grid
             if tracker:
                 tracker.log_evaluation(metrics, images, prompts, seeds)
             _report(trainer, plan, params, metrics, images, prompts, seeds)

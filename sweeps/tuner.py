@@ -15,6 +15,7 @@ from sweeps import storage
 from sweeps.cluster_fit import TrialStartTimeout, cluster_fit_warning
 from sweeps.progress import ProgressPrinter
 from sweeps.pruning import make_pruner, make_scheduler
+from sweeps.report import ReportWriter
 from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
 from sweeps.search import RAY_TRIAL_ATTR, load_study, make_search_alg
 from sweeps.spec_schema import SweepSpec
@@ -38,8 +39,12 @@ def make_trainable(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable 
     return tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial})
 
 
-def build_tuner(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable | None = None) -> tune.Tuner:
+def build_tuner(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable | None = None,
+                report: bool | None = None) -> tune.Tuner:
+    """`report`: rewrite the sweep's report after every finished trial (default: for real trainings,
+    not for stub trainables)."""
     metric, mode = _metric_mode(spec)
+    report = trainable is None if report is None else report
     return tune.Tuner(
         make_trainable(spec, plan, trainable),
         tune_config=tune.TuneConfig(
@@ -53,7 +58,8 @@ def build_tuner(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable | N
         run_config=tune.RunConfig(
             name=EXPERIMENT,
             storage_path=sweep_uri(spec),
-            callbacks=[ProgressPrinter(spec.primary.metric), TrialStartTimeout(spec.resources)],
+            callbacks=[ProgressPrinter(spec.primary.metric), TrialStartTimeout(spec.resources),
+                       *([ReportWriter(spec)] if report else [])],
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
             # Keep each trial's best checkpoints (for export) and, always, its latest (for resume).
             checkpoint_config=tune.CheckpointConfig(
@@ -115,10 +121,11 @@ def _close_orphaned_study_trials(spec: SweepSpec) -> list[int]:
 
 
 def run_sweep(spec: SweepSpec, plan: TrialPlan | None, address: str | None = None, resume: bool = False,
-              trainable: Callable | None = None) -> tune.ResultGrid:
+              trainable: Callable | None = None, report: bool | None = None) -> tune.ResultGrid:
     """Run (or, with `resume` or when the storage already holds this sweep, continue) the sweep.
 
-    `plan` (sweeps.trial_plan.build_plan) is what train_trial needs; None with a stub `trainable`."""
+    `plan` (sweeps.trial_plan.build_plan) is what train_trial needs; None with a stub `trainable`.
+    `report`: see build_tuner (a resumed sweep keeps the callbacks it was started with)."""
     storage.check_writable(sweep_uri(spec))
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
     restorable = can_resume(spec)
@@ -131,7 +138,7 @@ def run_sweep(spec: SweepSpec, plan: TrialPlan | None, address: str | None = Non
             print(warning, flush=True)
     if restorable:
         print(f"resuming sweep {spec.name} from {experiment_path(spec)}", flush=True)
-    tuner = restore_tuner(spec, plan, trainable) if restorable else build_tuner(spec, plan, trainable)
+    tuner = restore_tuner(spec, plan, trainable) if restorable else build_tuner(spec, plan, trainable, report)
     # Tune snapshots its state after every kept checkpoint (what resume needs); it need not warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     handle = _start_evaluator(spec) if trainable is None else None

@@ -2,6 +2,7 @@
 and an API key that never reaches a file."""
 
 import glob
+import json
 import os
 import re
 import secrets
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from sweeps.spec import load_spec
 from sweeps.tracking import read_history, read_records, sync_command, trial_settings, wandb_mode
@@ -68,14 +70,26 @@ def test_offline_sweep_logs_metrics_images_and_artifact_without_the_key(tmp_path
             # The toy world's oracle metrics go to W&B beside the CLIP ones, the distribution metrics too.
             assert {"clip_score", "objective", "concept_accuracy", "prior_accuracy", "loss", "lr"} <= set(row)
             assert {"cmmd", "clip_fd", "clip_kid", "diversity", "val_loss", "heldout_score"} <= set(row)
-            assert row["eval_samples/_type"] == "images/separated" and row["eval_samples/count"] == 44
-            assert row["eval_samples/captions"][0].startswith("a lswsks circle")
-            for name in row["eval_samples/filenames"]:
-                assert (Path(path).parent / "files" / name).is_file()
-    artifacts = [r.artifact for r in read_records(export_runs[0][0]) if r.WhichOneof("record_type") == "artifact"]
-    assert len(artifacts) == 1 and artifacts[0].type == "model" and artifacts[0].name == "lora-demo"
-    assert {"best", "demo"} <= set(artifacts[0].aliases)
-    assert {"export/manifest.json", "export/rank1/lora_kohya.safetensors"} <= {m.path for m in artifacts[0].manifest.contents}
+            # One labelled grid per evaluation: the demo suite's 10 distinct prompts as rows, its 4 seeds as
+            # columns, 128 px cells beside the prompts' labels.
+            assert row["eval_grid/_type"] == "image-file" and row["eval_grid/caption"] == f"step {row['step']}"
+            with Image.open(Path(path).parent / "files" / row["eval_grid/path"]) as grid:
+                assert grid.size == (row["eval_grid/width"], row["eval_grid/height"])
+                assert 4 * 128 < grid.width < 5 * 128 + 170 and 10 * 128 < grid.height < 11 * 128
+    summary = export_runs[0][0]
+    assert export_runs[0][1].job_type == "summary"
+    artifacts = {r.artifact.type: r.artifact for r in read_records(summary) if r.WhichOneof("record_type") == "artifact"}
+    model, report = artifacts["model"], artifacts["report"]
+    assert model.name == "lora-demo" and {"best", "demo"} <= set(model.aliases)
+    assert {"export/manifest.json", "export/rank1/lora_kohya.safetensors"} <= {m.path for m in model.manifest.contents}
+    assert report.name == "report-demo" and {"index.html", "xyz/seeds.png"} <= {m.path for m in report.manifest.contents}
+    # The trials as a wandb.Table, parameter importance as a table and a bar chart.
+    (logged,) = read_history(summary)
+    assert logged["trials/_type"] == "table-file" and logged["trials/nrows"] == 2
+    table = json.loads((Path(summary).parent / "files" / logged["trials/path"]).read_text())
+    assert table["columns"][:4] == ["trial", "learning_rate", "lr_scheduler", "rank"] and "objective" in table["columns"]
+    assert logged["importance/objective/_type"] == "table-file"
+    assert "importance/objective_chart_table/_type" in logged
     # The key appears in no file of the sweep, and the driver says how to upload the offline runs.
     session = re.search(r"(/tmp/ray/session_[^/\s]+)", proc.stdout + proc.stderr)
     folders = [sweep] + ([Path(session.group(1))] if session else [])
