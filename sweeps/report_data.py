@@ -278,11 +278,16 @@ def params_grid(data: ReportData, xyz: XyzChoice, prompts: list[str], seeds: lis
     if (prompt, seed) not in set(zip(prompts, seeds)):
         raise ValueError(f"--xyz: the evaluations have no image of {prompt!r} at seed {seed}")
     searched = spec.searched()
-    axes = [make_axis(n, [t.row.params.get(n) for t in data.trials], _is_log(searched.get(n))) if n else None for n in (x, y)]
+    axes = [make_axis(n, [t.row.params.get(n) for t in data.trials], _is_log(searched.get(n)), choice=_is_choice(searched.get(n)))
+            if n else None for n in (x, y)]
     scored = {t.row.trial_id: t for t in data.trials if t.metrics}
     values = [(tid, t.row.params, _number(t.metrics.get(spec.primary.metric))) for tid, t in scored.items()]
     return param_grid(values, axes[0], axes[1], spec.primary.metric, spec.primary.mode, prompt, seed,
                       lambda tid: _image_of(data, scored[tid], prompts, seeds, prompt, seed))
+
+
+def _is_choice(param) -> bool:
+    return param is not None and param.type == "choice"
 
 
 def _is_log(param) -> bool:

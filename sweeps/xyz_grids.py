@@ -170,13 +170,13 @@ class Axis:
         return min(bisect.bisect_right(self.edges, value) - 1, len(self.labels) - 1)
 
 
-def make_axis(name: str, values: Sequence, log: bool = False, max_bins: int = 5) -> Axis:
-    """Each value its own column when there are at most `max_bins` of them (choices, few ints),
-    else `max_bins` equal bins (log-spaced for log-scaled parameters) over the values seen."""
+def make_axis(name: str, values: Sequence, log: bool = False, max_bins: int = 5, choice: bool = False) -> Axis:
+    """Each value its own column when the parameter is a choice or has at most `max_bins` values
+    (few ints), else `max_bins` equal bins (log-spaced for log-scaled parameters) over the values seen."""
     seen = [v for v in values if v is not None]
     distinct = sorted(set(seen), key=_sort_key)
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct)
-    if len(distinct) <= max_bins or not numeric:
+    if choice or len(distinct) <= max_bins or not numeric:
         return Axis(name, [_short(v) for v in distinct], values=distinct)
     low, high = min(distinct), max(distinct)
     log = log and low > 0

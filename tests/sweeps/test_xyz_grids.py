@@ -23,6 +23,10 @@ def test_choices_get_a_column_each_and_many_numbers_get_log_bins():
     linear = make_axis("lr_warmup_steps", list(range(10)), max_bins=3)
     assert len(linear.labels) == 3 and linear.index(0) == 0 and linear.index(9) == 2
     assert make_axis("lr_scheduler", ["cosine", "constant", "cosine"]).labels == ["constant", "cosine"]
+    # A choice keeps its values as columns however many: six learning rates are six columns, not bins.
+    lr_choices = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    labels = make_axis("learning_rate", lr_choices, log=True, choice=True).labels
+    assert labels == ["0.0001", "0.0003", "0.001", "0.003", "0.01", "0.03"]
 
 
 def test_each_cell_holds_the_best_trial_whose_params_fall_in_it():
