@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from evaluator.image_checks import validate_images
+from evaluator.image_checks import image_batches, validate_images
 from evaluator.tiny import TINY_CLIP_ID, TINY_CLIP_NAME, ensure_tiny_clip, register_tiny_clip
 
 _SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip reads config and weights from these itself
@@ -148,14 +148,8 @@ class ClipModel:
     @torch.inference_mode()
     def embed_images(self, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
         """L2-normalized float32 image embeddings on CPU, shape (N, D)."""
-        validate_images(images)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            x = self.preprocess(images[start:start + batch_size])
-            out.append(self._normalized(self.model.encode_image(x)))
-        return torch.cat(out)
+        return torch.cat([self._normalized(self.model.encode_image(self.preprocess(batch)))
+                          for batch in image_batches(images, batch_size)])
 
     @torch.inference_mode()
     def embed_image_list(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:

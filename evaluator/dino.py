@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluator.image_checks import validate_images
+from evaluator.image_checks import image_batches, validate_images
 
 MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers")
 WEIGHTS = "model.safetensors"
@@ -124,12 +124,9 @@ class DinoEmbedder:
     @torch.inference_mode()
     def embed_images(self, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
         """L2-normalized float32 CLS embeddings on CPU, shape (N, hidden size)."""
-        validate_images(images)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = []
-        for start in range(0, images.shape[0], batch_size):
-            hidden = self.model(pixel_values=self.preprocess(images[start:start + batch_size])).last_hidden_state
+        for batch in image_batches(images, batch_size):
+            hidden = self.model(pixel_values=self.preprocess(batch)).last_hidden_state
             # Normalize in fp32: fp16 norms of long vectors lose digits.
             out.append(F.normalize(hidden[:, 0].float(), dim=-1).cpu())
         return torch.cat(out)

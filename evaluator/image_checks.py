@@ -25,3 +25,13 @@ def validate_images(images: object) -> None:
         raise ValueError("no images to embed: got an empty batch (N == 0)")
     if images.shape[1] == 0 or images.shape[2] == 0:
         raise ValueError(f"images have zero height or width: shape {images.shape}")
+
+
+def image_batches(images: np.ndarray, batch_size: int):
+    """Check `images` (validate_images) and `batch_size`, then yield consecutive slices of at most
+    `batch_size` images: the batching every embedding model of the evaluator shares."""
+    validate_images(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, images.shape[0], batch_size):
+        yield images[start:start + batch_size]
