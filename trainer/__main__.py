@@ -75,7 +75,8 @@ def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str
 
 
 def check_paths(cfg: TrainConfig) -> list[str]:
-    """Problems with the dataset and base model paths, found without loading any model."""
+    """Problems with the dataset, base model and class folder paths, found without loading any model."""
+    from trainer.class_images import class_dir_problems
     from trainer.dataset_layouts import DatasetError, detect_dataset_type
     from trainer.model_loading import BaseModelError, resolve_base_model
     from trainer.train_data import resolve_dataset
@@ -89,7 +90,7 @@ def check_paths(cfg: TrainConfig) -> list[str]:
         resolve_base_model(cfg.base_model)
     except BaseModelError as err:
         problems.append(f"base_model: {err}")
-    return problems
+    return problems + [f"class_data_dir: {msg}" for msg in class_dir_problems(cfg)]
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
