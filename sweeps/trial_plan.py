@@ -24,6 +24,7 @@ from sweeps.spec import SpecError
 from sweeps.spec_schema import SweepSpec
 from trainer.class_images import class_dir_problems, missing_class_images
 from trainer.config import TrainConfig, TrainConfigError, build_train_config
+from trainer.dataset_captions import caption_dataset, caption_input_problems
 from trainer.dataset_layouts import DatasetError, detect_dataset_type
 from trainer.model_loading import BaseModelError, resolve_base_model
 from trainer.preparation import Prepared, check_instance_data, prepare
@@ -71,6 +72,10 @@ def input_problems(spec: SweepSpec, local: bool) -> list[str]:
     except DatasetError as err:
         problems.append(f"dataset: {err}")
     problems += _class_dir_problems(spec)
+    if spec.caption is not None and not any(p.startswith("dataset:") for p in problems):
+        names = {"model": "caption.model", "trigger": "trigger_word"}
+        problems += [f"{names.get(key, key)}: {msg}" for key, msg in
+                     caption_input_problems(resolve_dataset(spec.dataset), spec.trigger_word, spec.caption)]
     paths = spec.evaluator.judge_paths()
     if any(paths.values()):  # read, not loaded: a DINO folder's config and weights header, a head's keys and width
         from evaluator.judges import judge_problems
@@ -102,6 +107,8 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True, addr
              "dataset": str(resolve_dataset(spec.dataset).resolve()), **_absolute_folders(spec.fixed())}
     if spec.evaluator.model == TINY_CLIP_ID:
         ensure_tiny_clip()
+    if spec.caption is not None:  # before the dataset is read: the captions are what it reads
+        print(caption_dataset(fixed["dataset"], spec.trigger_word, spec.caption).summary(), flush=True)
     try:
         cfg = build_train_config(fixed)
         if missing_class_images(cfg):
