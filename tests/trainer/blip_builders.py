@@ -26,5 +26,6 @@ def tiny_blip(folder: Path) -> Path:
         projection_dim=32, image_text_hidden_size=32)
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(folder)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(folder)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    processor.save_pretrained(folder)
     return folder

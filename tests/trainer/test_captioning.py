@@ -52,7 +52,8 @@ def test_the_template_puts_the_trigger_word_with_the_caption():
 
 def test_kohya_captions_beside_the_images_skip_rules_and_unreadable_images(tmp_path, blip_dir, blip, capsys):
     sub = tmp_path / "data" / "5_lswsks shape"
-    keep, empty, new = (_png(sub / f"{n}.png", c) for n, c in (("keep", (200, 0, 0)), ("empty", (0, 90, 0)), ("new", (0, 0, 250))))
+    keep, empty, new = (_png(sub / f"{n}.png", c)
+                        for n, c in (("keep", (200, 0, 0)), ("empty", (0, 90, 0)), ("new", (0, 0, 250))))
     keep.with_suffix(".txt").write_text("my own caption")
     empty.with_suffix(".txt").write_text("  \n")
     (sub / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
@@ -80,7 +81,8 @@ def test_an_imagefolder_keeps_its_lines_and_a_flat_folder_becomes_one(tmp_path, 
         _png(root / name, color)
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "kept", "source": "mine"}) + "\n"
                                          + json.dumps({"file_name": "b.png", "text": ""}) + "\n")
-    assert main(["caption", str(root), "--trigger", "sks", "--model", blip_dir, "--template", "photo of {trigger}: {caption}"]) == 0
+    template = ["--template", "photo of {trigger}: {caption}"]
+    assert main(["caption", str(root), "--trigger", "sks", "--model", blip_dir, *template]) == 0
     rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
     assert rows[0] == {"file_name": "a.png", "text": "kept", "source": "mine"}
     assert [r["file_name"] for r in rows] == ["a.png", "b.png", "sub/c.png"]

@@ -120,7 +120,8 @@ def test_describe_fields_lists_every_field_with_type_default_and_description():
     text = describe_fields(TrainConfig)
     rows = {line.split()[0]: line for line in text.splitlines()[1:]}
     top = {n for n, f in TrainConfig.model_fields.items() if n not in ("sampling", "class_sampling")}
-    nested = {f"sampling.{n}" for n in SamplingConfig.model_fields} | {f"class_sampling.{n}" for n in ClassSamplingConfig.model_fields}
+    nested = ({f"sampling.{n}" for n in SamplingConfig.model_fields}
+              | {f"class_sampling.{n}" for n in ClassSamplingConfig.model_fields})
     assert set(rows) == top | nested, "every field, nested ones as <section>.<name>"
     assert rows["class_sampling.steps"].split()[1:3] == ["int", "50"]
     assert rows["rank"].split()[1:3] == ["int", "4"] and "LoRA rank" in rows["rank"]
