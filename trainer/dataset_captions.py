@@ -111,6 +111,14 @@ def _todo(root: Path, layout: str, overwrite: bool, rows: list[dict]) -> tuple[l
     return [p for p in images if p not in kept], len(kept)
 
 
+def caption_counts(root: str | Path, config: CaptionConfig) -> tuple[int, int]:
+    """(images to caption, images keeping their caption) of the dataset at `root`; opens no image."""
+    root = Path(root).expanduser()
+    layout = caption_layout(root)
+    todo, kept = _todo(root, layout, config.overwrite, _read_rows(root / METADATA_FILE) if layout == "imagefolder" else [])
+    return len(todo), kept
+
+
 def _open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")

@@ -69,3 +69,14 @@ def test_a_missing_captioning_model_stops_the_sweep_before_ray(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "caption.model: /nonexistent/blip: not found; give a local BLIP folder" in err and "Traceback" not in err
     assert not (tmp_path / "flat" / "metadata.jsonl").exists()
+
+
+def test_the_dry_run_counts_the_images_to_caption(tmp_path):
+    from sweeps.dry_run import describe_sweep
+
+    spec = load_spec(DEMO, _sets(tmp_path, "caption={model: /models/blip}"))
+    (tmp_path / "flat" / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "mine"}\n')
+    text = describe_sweep(spec)
+    assert "before the trials: BLIP captions (/models/blip, '{trigger}, {caption}'); 2 image(s) without a caption, " \
+           "1 keep theirs" in text
+    assert "warning: caption.model: /models/blip: not found" in text

@@ -89,3 +89,14 @@ def test_on_a_cluster_with_gpus_a_gpu_worker_renders_them_never_the_head(ray_clu
     more = ensure_sweep_class_images(cfg.model_copy(update={"num_class_images": 4}), tmp_path / "class", gpu_worker=True)
     assert (more.count, more.node_id) == (1, worker.node_id)
     assert sorted(p.name for p in (tmp_path / "class").glob("*.png"))[-1] == "class_00003.png"
+
+
+def test_the_dry_run_says_which_class_images_will_be_made(tmp_path):
+    from sweeps.dry_run import describe_sweep
+
+    (tmp_path / "class").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "class" / "mine.png")
+    text = describe_sweep(_spec(tmp_path, str(tmp_path / "class"), "train.class_sampling={steps: 50}"))
+    assert (f"before the trials: 2 of 3 class images missing in {tmp_path / 'class'}; made in-process (on a GPU worker "
+            "when the cluster has GPUs) with 50 pndm steps at guidance 7.5") in text
+    assert not list((tmp_path / "class").glob("class_*.png")), "a dry run makes nothing"
