@@ -134,6 +134,7 @@ def test_training_yaml_caption_section_errors_name_their_keys(tmp_path):
     assert any(p.startswith("instance_prompt: captions replace the instance prompt") for p in err.value.problems)
 
 
+@pytest.mark.slow  # trains and exports a LoRA
 def test_python_m_trainer_captions_an_uncaptioned_folder_then_trains_on_it(tmp_path, blip_dir, tiny_sd_dir, capsys):
     flat = tmp_path / "flat"
     for i in range(2):

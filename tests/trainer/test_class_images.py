@@ -122,6 +122,7 @@ def _write_config(tmp_path, tiny_sd_dir, **over) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # trains and exports a LoRA
 def test_trainer_cli_generates_the_class_images_of_a_new_folder(tmp_path, tiny_sd_dir):
     assert main(["--config", _write_config(tmp_path, tiny_sd_dir)]) == 0
     assert sorted(p.name for p in (tmp_path / "class").iterdir() if p.suffix == ".png") == [
