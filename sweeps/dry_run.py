@@ -123,6 +123,37 @@ def _sampler_line(spec: SweepSpec) -> str:
     return f"sampler: {s.sampler} ({detail}), seed {s.seed}"
 
 
+def _before_trials(spec: SweepSpec) -> list[str]:
+    """What the driver makes once before the trials: captions (`caption:`), class images."""
+    from trainer.class_images import missing_class_images
+    from trainer.config import TrainConfigError, build_train_config
+    from trainer.dataset_captions import caption_counts
+    from trainer.dataset_layouts import DatasetError
+    from trainer.train_data import resolve_dataset
+
+    lines = []
+    if spec.caption is not None:
+        try:
+            todo, kept = caption_counts(resolve_dataset(spec.dataset), spec.caption)
+            counted = f"{todo} image(s) without a caption, {kept} keep theirs"
+        except DatasetError:
+            counted = "the dataset is not readable here"
+        lines.append(f"before the trials: BLIP captions ({spec.caption.model}, {spec.caption.template!r}); {counted}")
+    try:
+        cfg = build_train_config(spec.fixed())
+    except TrainConfigError:
+        return lines
+    missing = missing_class_images(cfg)
+    if missing:
+        c = cfg.class_sampling
+        minutes = missing * c.steps * SAMPLE_S_PER_UNET_STEP * (cfg.resolution / 512) ** 2 / 60
+        where = "on a GPU worker" if spec.resources.gpus_per_trial else "in-process (on a GPU worker when the cluster has GPUs)"
+        lines.append(f"before the trials: {missing} of {cfg.num_class_images} class images missing in {cfg.class_data_dir}; "
+                     f"made {where} with {c.steps} {c.sampler} steps at guidance {c.guidance_scale:g} "
+                     f"(~{minutes:.1f} min on a GPU)")
+    return lines
+
+
 def describe_sweep(spec: SweepSpec) -> str:
     """The resolved space, fixed values, budget, resources, objective(s), sampler, pruner and
     an estimate of GPU-hours; starts nothing."""
@@ -144,6 +175,7 @@ def describe_sweep(spec: SweepSpec) -> str:
     lines += [f"  {k:<28} {v}" for k, v in fixed.items()]
     if s.initial_configs:
         lines.append("evaluated first: " + "; ".join(str(c) for c in s.initial_configs))
+    lines += _before_trials(spec)
     lines.append(f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU")
     est = estimate(spec)
     lines.append(f"evaluation: every {spec.eval.interval} steps, {est['eval_images']} images (prompts x seeds)")

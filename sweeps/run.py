@@ -104,7 +104,7 @@ def sweep(spec, args, columns: list[str] | None = None) -> int:
     notes = [] if args.resume else check_against_stored(spec, args.space)
     for note in notes:
         print(f"continuing sweep {spec.name} with a changed setting that is safe to change: {note}", flush=True)
-    plan = build_plan(spec, args.space, local=not args.address)
+    plan = build_plan(spec, args.space, local=not args.address, address=args.address)
     store(spec)
     print(f"sweep {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at a time, "
           f"output {spec.output_dir}", flush=True)

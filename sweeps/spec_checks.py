@@ -314,6 +314,22 @@ def _judge_problems(spec: SweepSpec, evaluator: EvaluatorSpec, ev: EvalSpec | No
     return out
 
 
+def _caption_problems(spec: SweepSpec) -> list[str]:
+    """`caption:` with the training values it serves (the trigger word, not a DreamBooth dataset)."""
+    from trainer.captioning import CaptionConfig
+    from trainer.dataset_captions import caption_settings_problems
+
+    caption = getattr(spec, "caption", None)
+    if not isinstance(caption, CaptionConfig):
+        return []
+    try:
+        cfg = spec.train_config({k: p.extremes()[0] for k, p in _valid_params(spec).items()})
+    except TrainConfigError:
+        return []  # already reported
+    return [f"{'trigger_word' if key == 'trigger_word' else f'train.{key}'}: {msg}"
+            for key, msg in caption_settings_problems(cfg, caption)]
+
+
 def cross_problems(spec: SweepSpec) -> list[str]:
     """Checks across sections, each run on the sections that validated on their own."""
     params = _valid_params(spec)
@@ -335,6 +351,6 @@ def cross_problems(spec: SweepSpec) -> list[str]:
     evaluator = _section(spec, "evaluator", EvaluatorSpec)
     if evaluator:
         out += _judge_problems(spec, evaluator, ev, objectives)
-    return out
+    return out + _caption_problems(spec)
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from evaluator.metrics import ObjectiveWeights
 from evaluator.suites import expand_suite, load_suite, parse_suite
+from trainer.captioning import CaptionConfig
 from trainer.config import TrainConfig, build_train_config
 
 _SCALAR = (str, int, float, bool, type(None))
@@ -188,6 +189,9 @@ class SweepSpec(_Strict):
     base_model: str
     dataset: str
     trigger_word: str | None = None
+    caption: CaptionConfig | None = Field(
+        None, description="Caption the dataset's images that have none with BLIP (trainer.captioning), once, "
+        "before any trial: `caption: {model: <hub id or local folder>}`; needs trigger_word.")
     train: dict[str, Any] = Field(default_factory=dict, description="Fixed TrainConfig values.")
     space: dict[str, Any] = Field(default_factory=dict, description="Searched TrainConfig fields.")
     eval: EvalSpec

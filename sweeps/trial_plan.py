@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from evaluator.suites import SuiteItem, expand_suite
 from evaluator.tiny import TINY_CLIP_ID, ensure_tiny_clip
+from sweeps.class_image_job import ensure_sweep_class_images, gpu_worker_wanted
 from sweeps.cluster_fit import local_fit_problems
 from sweeps.results import sweep_uri
 from sweeps.spec import SpecError
 from sweeps.spec_schema import SweepSpec
+from trainer.class_images import class_dir_problems, missing_class_images
 from trainer.config import TrainConfig, TrainConfigError, build_train_config
+from trainer.dataset_captions import caption_dataset, caption_input_problems
 from trainer.dataset_layouts import DatasetError, detect_dataset_type
 from trainer.model_loading import BaseModelError, resolve_base_model
-from trainer.preparation import Prepared, prepare
+from trainer.preparation import Prepared, check_instance_data, prepare
 from trainer.train_data import resolve_dataset
 
 
@@ -67,6 +71,11 @@ def input_problems(spec: SweepSpec, local: bool) -> list[str]:
         detect_dataset_type(resolve_dataset(spec.dataset))
     except DatasetError as err:
         problems.append(f"dataset: {err}")
+    problems += _class_dir_problems(spec)
+    if spec.caption is not None and not any(p.startswith("dataset:") for p in problems):
+        names = {"model": "caption.model", "trigger": "trigger_word"}
+        problems += [f"{names.get(key, key)}: {msg}" for key, msg in
+                     caption_input_problems(resolve_dataset(spec.dataset), spec.trigger_word, spec.caption)]
     paths = spec.evaluator.judge_paths()
     if any(paths.values()):  # read, not loaded: a DINO folder's config and weights header, a head's keys and width
         from evaluator.judges import judge_problems
@@ -80,17 +89,32 @@ def input_problems(spec: SweepSpec, local: bool) -> list[str]:
     return problems
 
 
-def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> TrialPlan:
-    """The plan of `spec`; every input problem raises one SpecError (exit 2, no traceback)."""
+def _class_dir_problems(spec: SweepSpec) -> list[str]:
+    try:
+        cfg = build_train_config(spec.fixed())
+    except TrainConfigError:  # a searched field completes it; the spec checks judged the values
+        return []
+    return [f"train.class_data_dir: {msg}" for msg in class_dir_problems(cfg)]
+
+
+def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True, address: str | None = None) -> TrialPlan:
+    """The plan of `spec`; every input problem raises one SpecError (exit 2, no traceback).
+    `address`: the cluster, where missing class images are made on a GPU worker."""
     problems = input_problems(spec, local)
     if problems:
         raise SpecError(source, problems)
     fixed = {**spec.fixed(), "base_model": _resolved_base_model(spec.base_model),
-             "dataset": str(resolve_dataset(spec.dataset).resolve())}
+             "dataset": str(resolve_dataset(spec.dataset).resolve()), **_absolute_folders(spec.fixed())}
     if spec.evaluator.model == TINY_CLIP_ID:
         ensure_tiny_clip()
+    if spec.caption is not None:  # before the dataset is read: the captions are what it reads
+        print(caption_dataset(fixed["dataset"], spec.trigger_word, spec.caption).summary(), flush=True)
     try:
-        prepared = prepare(build_train_config(fixed), clip_skips=_searched_clip_skips(spec))
+        cfg = build_train_config(fixed)
+        if missing_class_images(cfg):
+            check_instance_data(cfg)  # before minutes of sampling
+            ensure_sweep_class_images(cfg, cfg.class_data_dir, gpu_worker_wanted(spec, address))
+        prepared = prepare(cfg, clip_skips=_searched_clip_skips(spec))
     except DatasetError as err:
         raise SpecError(source, [f"dataset: {err}"]) from None
     except BaseModelError as err:
@@ -109,6 +133,12 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
         objective_weights=spec.objective_weights(),
         evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
     )
+
+
+def _absolute_folders(fixed: dict[str, Any]) -> dict[str, str]:
+    """The class and validation folders made absolute (relative to the working directory, as the
+    dataset), so that a trial's worker, started elsewhere, reads the same files."""
+    return {k: str(Path(fixed[k]).expanduser().resolve()) for k in ("class_data_dir", "validation_dir") if fixed.get(k)}
 
 
 def _resolved_base_model(base_model: str) -> str:

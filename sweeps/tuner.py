@@ -15,6 +15,7 @@ from sweeps import storage
 from sweeps.cluster_fit import TrialStartTimeout, cluster_fit_warning
 from sweeps.progress import ProgressPrinter
 from sweeps.pruning import make_pruner, make_scheduler
+from sweeps.ray_session import ensure_ray
 from sweeps.report import ReportWriter
 from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
 from sweeps.search import RAY_TRIAL_ATTR, load_study, make_search_alg
@@ -22,8 +23,6 @@ from sweeps.spec_schema import SweepSpec
 from sweeps.tracking import trial_settings
 from sweeps.trainable import train_trial
 from sweeps.trial_plan import TrialPlan
-
-FORWARDED_ENV = ("LORASWEEP_CACHE", "HF_HUB_OFFLINE", "WANDB_MODE")
 
 
 def evaluator_name(spec: SweepSpec) -> str:
@@ -156,16 +155,3 @@ def _start_evaluator(spec: SweepSpec):
     # most of the time (on a small machine it would hold back a trial).
     return start_evaluator(name=name, model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
                            num_cpus=0, torch_threads=1, **spec.evaluator.judge_paths())
-
-
-def ensure_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Connect to a cluster at `address`, or start local Ray when none is given."""
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    kwargs = {"runtime_env": {"env_vars": env}} if env else {}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # "local": a new Ray of our own, never whatever cluster this machine last started (ray.init()'s default).
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = sorted(ROOT.glob("*.md")) + sorted((ROOT / "docs").rglob("*.md"))
 
 SWEEP_KEYS = set(SweepSpec.model_fields)
-TRAIN_KEYS = set(TrainConfig.model_fields) | {"output"}  # trainer/__main__.read_run_config's layout
+TRAIN_KEYS = set(TrainConfig.model_fields) | {"output", "caption"}  # trainer/__main__.read_run_config's layout
 SUITE_KEYS = set(PromptSuite.model_fields)
 SWEEP_ONLY = SWEEP_KEYS - TRAIN_KEYS - SUITE_KEYS
 TRAIN_ONLY = TRAIN_KEYS - SWEEP_KEYS - SUITE_KEYS

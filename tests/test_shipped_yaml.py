@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = (".yaml", ".yml")
 
 SWEEP_KEYS = set(SweepSpec.model_fields)
-TRAIN_KEYS = set(TrainConfig.model_fields) | {"output"}  # read_run_config's layout
+TRAIN_KEYS = set(TrainConfig.model_fields) | {"output", "caption"}  # read_run_config's layout
 SUITE_KEYS = set(PromptSuite.model_fields)
 SWEEP_ONLY = SWEEP_KEYS - TRAIN_KEYS - SUITE_KEYS
 TRAIN_ONLY = TRAIN_KEYS - SWEEP_KEYS - SUITE_KEYS

@@ -1,5 +1,6 @@
 """Train one LoRA: `python -m trainer --config train.yaml [--set key=value ...] [--output DIR]
-[--format kohya|diffusers|both] [--resume]`; `python -m trainer --fields` lists the config fields.
+[--format kohya|diffusers|both] [--resume]`; `python -m trainer --fields` lists the config fields;
+`python -m trainer caption DATASET --trigger WORD ...` captions a dataset (trainer.caption_cli).
 
 The YAML holds TrainConfig fields at the top level plus an optional `output:` section (dir,
 name, format, scale). `--set` overrides any key by its dotted path (`--set sampling.steps=4`),
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.overrides import apply_overrides
 from common.yaml_files import YamlFileError, read_yaml
+from trainer.captioning import CaptionConfig
 from trainer.config import TrainConfig, describe_fields, format_validation_error, train_config_problems
 
 EXIT_CONFIG = 2
@@ -44,8 +46,10 @@ class ConfigProblems(Exception):
         self.problems = problems
 
 
-def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str | None) -> tuple[TrainConfig, OutputOptions]:
-    """Validated training config and output options, or ConfigProblems listing every problem."""
+def read_run_config(path: str, sets: list[str], output_dir: str | None,
+                    fmt: str | None) -> tuple[TrainConfig, OutputOptions, CaptionConfig | None]:
+    """Validated training config, output options and caption settings (None: no `caption:`
+    section), or ConfigProblems listing every problem."""
     try:
         values = read_yaml(path) or {}
     except YamlFileError as err:
@@ -58,6 +62,8 @@ def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str
         problems.append("output: must be a mapping (dir, name, format, scale)")
         out_values = {}
     out_values.update({k: v for k, v in (("dir", output_dir), ("format", fmt)) if v is not None})
+    caption, caption_problems = _caption_section(values.pop("caption", None))
+    problems += caption_problems
     cfg = options = None
     config_problems = train_config_problems(values)
     problems += [f"{path or '(top level)'}: {msg}" for path, msg in config_problems]
@@ -69,13 +75,31 @@ def read_run_config(path: str, sets: list[str], output_dir: str | None, fmt: str
         problems += format_validation_error(err, prefix="output")
     if options and options.scale != 1.0 and options.format == "diffusers":
         problems.append("output.scale: only the kohya layout bakes a scale in; use format kohya or both")
+    if cfg and caption:
+        from trainer.dataset_captions import caption_settings_problems
+
+        problems += [f"{key}: {msg}" for key, msg in caption_settings_problems(cfg, caption)]
     if problems:
         raise ConfigProblems(problems)
-    return cfg, options
+    return cfg, options, caption
 
 
-def check_paths(cfg: TrainConfig) -> list[str]:
-    """Problems with the dataset and base model paths, found without loading any model."""
+def _caption_section(values) -> tuple[CaptionConfig | None, list[str]]:
+    if values is None:
+        return None, []
+    if not isinstance(values, dict):
+        return None, ["caption: must be a mapping (model, template, overwrite, batch_size), e.g. caption: {}"]
+    try:
+        return CaptionConfig(**values), []
+    except ValidationError as err:
+        return None, format_validation_error(err, prefix="caption")
+
+
+def check_paths(cfg: TrainConfig, caption: CaptionConfig | None = None) -> list[str]:
+    """Problems with the dataset, base model, class folder and captioning model paths, found
+    without loading any model."""
+    from trainer.class_images import class_dir_problems
+    from trainer.dataset_captions import caption_input_problems
     from trainer.dataset_layouts import DatasetError, detect_dataset_type
     from trainer.model_loading import BaseModelError, resolve_base_model
     from trainer.train_data import resolve_dataset
@@ -89,7 +113,11 @@ def check_paths(cfg: TrainConfig) -> list[str]:
         resolve_base_model(cfg.base_model)
     except BaseModelError as err:
         problems.append(f"base_model: {err}")
-    return problems
+    if caption and not problems:  # the dataset's layout and the captioning model
+        names = {"model": "caption.model", "trigger": "trigger_word"}
+        problems += [f"{names.get(key, key)}: {msg}"
+                     for key, msg in caption_input_problems(resolve_dataset(cfg.dataset), cfg.trigger_word, caption)]
+    return problems + [f"class_data_dir: {msg}" for msg in class_dir_problems(cfg)]
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -147,9 +175,15 @@ def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = Fa
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["caption"]:
+        from trainer.caption_cli import main as caption_main
+
+        return caption_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m trainer", description="Train one SD 1.x LoRA.",
-        epilog="`python -m trainer --fields` lists every config field with its type, default and meaning.",
+        epilog="`python -m trainer --fields` lists every config field with its type, default and meaning; "
+               "`python -m trainer caption DATASET --trigger WORD` writes BLIP captions (see its --help).",
     )
     parser.add_argument("--config", help="training YAML (TrainConfig fields + optional output:); see --fields")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (dotted path)")
@@ -165,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         parser.error("--config is required (or --fields to list the config fields)")
     try:
-        cfg, options = read_run_config(args.config, args.set, args.output, args.format)
-        problems = check_paths(cfg)
+        cfg, options, caption = read_run_config(args.config, args.set, args.output, args.format)
+        problems = check_paths(cfg, caption)
         if problems:
             raise ConfigProblems(problems)
     except ConfigProblems as err:
@@ -179,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.model_loading import BaseModelError
 
     try:
+        if caption:  # before the dataset is read: the captions are what it reads
+            from trainer.dataset_captions import caption_dataset
+            from trainer.train_data import resolve_dataset
+
+            print(caption_dataset(resolve_dataset(cfg.dataset), cfg.trigger_word, caption).summary(), file=sys.stderr)
         written = train_and_export(cfg, options, resume=args.resume)
     except DatasetError as err:
         print(f"invalid config {args.config}:\n  dataset: {err}", file=sys.stderr)

@@ -84,6 +84,21 @@ class SamplingConfig(BaseModel):
         return self
 
 
+class ClassSamplingConfig(BaseModel):
+    """How prior-preservation class images are generated: regularisation images want the base
+    model at its usual quality (diffusers' DreamBooth script: the pipeline's defaults, 50 steps
+    at guidance 7.5), not the evaluation's few steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(50, ge=1, le=200, description="Denoising steps per class image.")
+    guidance_scale: float = Field(7.5, ge=1.0, le=30.0, description="Classifier-free guidance scale.")
+    sampler: Literal["ddim", "euler", "euler_a", "dpmpp_2m", "pndm"] = Field(
+        "pndm", description="Scheduler of the class images (pndm: SD 1.x pipelines' own default).")
+    negative_prompt: str = Field("", description="Negative prompt of every class image.")
+    batch_size: int = Field(4, ge=1, le=256, description="Class images per sampling batch.")
+
+
 class TrainConfig(BaseModel):
     """One LoRA training run. Units are given per field; defaults suit SD 1.5 at 512 px."""
 
@@ -129,6 +144,7 @@ class TrainConfig(BaseModel):
     )
     num_class_images: int = Field(100, ge=1, le=100_000, description="Class images wanted in class_data_dir.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
+    class_sampling: ClassSamplingConfig = Field(default_factory=ClassSamplingConfig)
 
     # --- aspect-ratio bucketing -------------------------------------------------------------
     enable_bucket: bool = Field(False, description="kohya-style aspect-ratio buckets instead of square crops.")

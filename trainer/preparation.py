@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from common.files import sha256_file
 from trainer.cache import ensure_latent_cache, ensure_text_cache, module_fingerprint
-from trainer.class_images import ensure_class_images
+from trainer.class_images import ensure_class_images, missing_class_images, render_class_images
 from trainer.config import TrainConfig, TrainConfigError
 from trainer.model_loading import SDComponents, base_model_weights_file, load_sd_components, resolve_base_model
 from trainer.train_data import TrainData, dataset_summary, load_train_data
@@ -62,6 +62,20 @@ def uses_text_cache(cfg: TrainConfig) -> bool:
     return cfg.cache_text_embeddings and not cfg.train_text_encoder
 
 
+def check_instance_data(cfg: TrainConfig) -> None:
+    """Read and verify the instance images alone (the class images are still to be made): a
+    broken dataset is refused before minutes of class-image sampling."""
+    load_train_data(cfg.model_copy(update={"with_prior_preservation": False}))
+
+
+def class_images_from_base_model(cfg: TrainConfig, indices: list[int], device: str | None = None) -> list[tuple[str, bytes]]:
+    """Class images `indices` as (file name, PNG bytes), from the base model loaded here and placed
+    as training places it: the body of a sweep's class-image task on a GPU worker."""
+    models = load_sd_components(cfg.base_model)
+    place_base_models(models, cfg, default_device(device))
+    return render_class_images(models, cfg, indices)
+
+
 def prepare(cfg: TrainConfig, clip_skips: list[int] | None = None, components: SDComponents | None = None,
             device: str | None = None) -> Prepared:
     """Class images (prior preservation), then the dataset read and verified once, then latent and
@@ -69,12 +83,16 @@ def prepare(cfg: TrainConfig, clip_skips: list[int] | None = None, components: S
     Callable from the CLI and by a sweep's driver; safe from several processes at once."""
     _, base_model = resolve_base_model(cfg.base_model)  # a hub id stays a hub id
     weights = base_model_weights_file(cfg.base_model)
-    # Without class images to make, a broken dataset fails before any model is loaded.
-    data = None if cfg.with_prior_preservation else load_train_data(cfg)
+    making_class_images = missing_class_images(cfg) > 0
+    # A broken dataset fails before any model is loaded or any class image is made.
+    if making_class_images:
+        check_instance_data(cfg)
+    else:
+        data = load_train_data(cfg)
     models = components or load_sd_components(cfg.base_model)
     _check_clip_skips(models, sorted({cfg.clip_skip, *(clip_skips or [])}))
     place_base_models(models, cfg, default_device(device))
-    if data is None:
+    if making_class_images:
         ensure_class_images(cfg, models)  # with the base model, before any LoRA layer exists
         data = load_train_data(cfg)
     vae_fingerprint = module_fingerprint(models.vae)

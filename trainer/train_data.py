@@ -157,12 +157,19 @@ def load_train_data(cfg: TrainConfig, root: Path | None = None, verify: bool = T
     class_examples: list[Example] = []
     if cfg.with_prior_preservation:
         class_dir = Path(cfg.class_data_dir).expanduser()
+        if not class_dir.is_dir():
+            raise DatasetError(f"class_data_dir {class_dir} does not exist yet; trainer.preparation.prepare generates "
+                               "the class images into it (python -m trainer and sweeps call it before training)")
         class_examples = load_image_folder_flat(class_dir, cfg.class_prompt, 1, "class")[: cfg.num_class_images]
+        listed = len(class_examples)
         if verify:
             class_examples, class_infos = check_images(class_examples, cfg.on_bad_image)
             infos.update(class_infos)
         if not class_examples:
-            raise DatasetError(f"class_data_dir {class_dir} holds no usable class images; let the trainer generate them")
+            raise DatasetError(f"class_data_dir {class_dir} holds no usable class images ({listed} unreadable); "
+                               "remove them and the trainer generates new ones with the base model" if listed else
+                               f"class_data_dir {class_dir} holds no class images yet; trainer.preparation.prepare "
+                               "generates them (python -m trainer and sweeps call it before training)")
     if not examples:
         raise DatasetError(f"dataset {root}: every image was skipped as unreadable")
     validation: list[Example] = []

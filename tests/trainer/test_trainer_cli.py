@@ -24,13 +24,13 @@ def _run(*args, cwd=ROOT):
 
 
 def test_shipped_example_config_is_valid():
-    cfg, options = read_run_config(str(EXAMPLE), [], None, None)
-    assert cfg.base_model == "builtin:tiny-sd" and cfg.dataset == "builtin:demo"
+    cfg, options, caption = read_run_config(str(EXAMPLE), [], None, None)
+    assert cfg.base_model == "builtin:tiny-sd" and cfg.dataset == "builtin:demo" and caption is None
     assert options.format == "kohya" and options.name
 
 
 def test_set_overrides_by_dotted_path(tmp_path):
-    cfg, options = read_run_config(
+    cfg, options, _ = read_run_config(
         str(EXAMPLE), ["sampling.steps=3", "rank=8", "output.name=x", "trigger_word=null"], str(tmp_path), "both"
     )
     assert cfg.sampling.steps == 3 and cfg.rank == 8 and cfg.trigger_word is None
@@ -115,13 +115,15 @@ def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
 
 
 def test_describe_fields_lists_every_field_with_type_default_and_description():
-    from trainer.config import SamplingConfig, describe_fields
+    from trainer.config import ClassSamplingConfig, SamplingConfig, describe_fields
 
     text = describe_fields(TrainConfig)
     rows = {line.split()[0]: line for line in text.splitlines()[1:]}
-    top = {n for n, f in TrainConfig.model_fields.items() if n != "sampling"}
-    nested = {f"sampling.{n}" for n in SamplingConfig.model_fields}
-    assert set(rows) == top | nested, "every field, nested ones as sampling.<name>"
+    top = {n for n, f in TrainConfig.model_fields.items() if n not in ("sampling", "class_sampling")}
+    nested = ({f"sampling.{n}" for n in SamplingConfig.model_fields}
+              | {f"class_sampling.{n}" for n in ClassSamplingConfig.model_fields})
+    assert set(rows) == top | nested, "every field, nested ones as <section>.<name>"
+    assert rows["class_sampling.steps"].split()[1:3] == ["int", "50"]
     assert rows["rank"].split()[1:3] == ["int", "4"] and "LoRA rank" in rows["rank"]
     assert rows["base_model"].split()[2] == "(required)"
     assert "int | None" in rows["num_repeats"] and "fail|skip" in rows["on_bad_image"]

@@ -58,7 +58,7 @@ def test_prior_preservation_text_encoder_and_exact_resume(tiny_sd_dir, tmp_path)
     cfg = _cfg(tiny_sd_dir, inst, tmp_path, dataset_type="auto", instance_prompt="a photo of sks dog",
                with_prior_preservation=True, class_prompt="a photo of a dog", class_data_dir=str(tmp_path / "class"),
                num_class_images=2, train_text_encoder=True, text_encoder_lr=5e-4, caption_dropout_rate=0.5,
-               random_flip=True, sampling={"steps": 2})
+               random_flip=True, sampling={"steps": 2}, class_sampling={"steps": 2})
     a = LoraTrainer.build(cfg, device="cpu")
     made = sorted(p.name for p in (tmp_path / "class").glob("*.png"))
     assert made == ["class_00000.png", "class_00001.png"], "missing class images are generated and kept"
