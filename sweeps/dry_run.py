@@ -145,6 +145,9 @@ def describe_sweep(spec: SweepSpec) -> str:
     if s.initial_configs:
         lines.append("evaluated first: " + "; ".join(str(c) for c in s.initial_configs))
     lines.append(f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU")
+    from sweeps.evaluator_placement import describe_placement
+
+    lines.append(describe_placement(spec))
     est = estimate(spec)
     lines.append(f"evaluation: every {spec.eval.interval} steps, {est['eval_images']} images (prompts x seeds)")
     lines.append(f"estimate: ~{est['steps_per_trial']:.0f} steps and {est['evals_per_trial']} evals per trial "

@@ -146,11 +146,12 @@ def test_cli_export_only_and_status_print_table_and_winner_last(finished_sweep, 
     assert run_cli.main([*args, "--status", "--columns", "loss"]) == 0
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("trial"))
-    assert lines[start].split() == ["trial", "learning_rate", "rank", "clip_score", "loss", "state", "steps", "wall", "s"]
+    assert lines[start].split() == ["trial", "learning_rate", "rank", "clip_score", "loss", "state", "steps", "wall", "s",
+                                    "CPU", "h", "not", "run"]
     params = {r.row.trial_id: r.row.params for r in load_records(spec)}
     for line in lines[start + 2:start + 6]:
         cells = line.split()
-        if cells[-3] != "failed":
+        if cells[-5] != "failed":
             assert cells[4] == f"{stub_loss(params[cells[0]]):.4g}", line
     assert run_cli.main([*args, "--export-only"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
