@@ -122,24 +122,30 @@ def test_a_node_that_joins_mid_sweep_gets_a_replica_that_serves_its_trials(tmp_p
                         pass
             time.sleep(0.2)
 
-    def add_a_worker_once_a_trial_runs():
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and not list((tmp_path / "demo" / "tune").glob("*/result.json")):
-            time.sleep(0.2)
-        seen["second"] = cluster.add_node(num_cpus=1).node_id
-        while time.monotonic() < deadline and seen["second"] not in replica_nodes(evaluator_name(spec)):
-            time.sleep(0.2)
-        seen["replicas"] = set(replica_nodes(evaluator_name(spec)))
+    def sweep():
+        try:
+            run_sweep(spec, plan)
+        except BaseException as err:  # re-raised below, in the test's thread
+            seen["error"] = err
+        finally:
+            done.set()
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (add_a_worker_once_a_trial_runs, note_the_node_of_each_trial)]
+    threads = [threading.Thread(target=f, daemon=True) for f in (sweep, note_the_node_of_each_trial)]
     for t in threads:
         t.start()
-    try:
-        run_sweep(spec, plan)
-    finally:
-        done.set()
-        for t in threads:
-            t.join(timeout=5)
+    # Ray adds a node only from the main thread (it installs signal handlers): the sweep runs in another.
+    deadline = time.monotonic() + 400
+    while not done.is_set() and time.monotonic() < deadline and not list((tmp_path / "demo" / "tune").glob("*/result.json")):
+        time.sleep(0.2)
+    assert not done.is_set(), f"the sweep ended before a trial reported: {seen.get('error')!r}"
+    seen["second"] = cluster.add_node(num_cpus=1).node_id
+    while not done.is_set() and time.monotonic() < deadline and seen["second"] not in replica_nodes(evaluator_name(spec)):
+        time.sleep(0.2)
+    seen["replicas"] = set(replica_nodes(evaluator_name(spec)))
+    for t in threads:
+        t.join(timeout=600)
+    if "error" in seen:
+        raise seen["error"]
     out = capsys.readouterr().out
     assert seen.get("replicas") == {first, seen["second"]}  # never one on the CPU: 0 head
     assert f"evaluator: replica started on 1 node(s) that joined: {seen['second'][:12]}" in out
