@@ -117,7 +117,7 @@ class ReplicaWatcher:
             if node not in alive:  # its node left: Ray could only try to restart it there forever
                 stop_replica(replica)
         new = [n for n in alive if n not in have]
-        if new:
+        if new and not self._halt.is_set():  # none after stop(): it would outlive the sweep
             start_replicas(self.spec, self.name, new)
             self.started += new
             print(f"evaluator: replica started on {len(new)} node(s) that joined: {', '.join(n[:12] for n in new)}",
