@@ -116,3 +116,31 @@ def test_status_best_json_report_and_dry_run_carry_the_measured_bill(report_swee
     assert "estimate: " in dry and "after the sweep: estimate (--dry-run, no pruning):" in dry
     records = load_records(spec)
     assert sum(r.row.wall_s for r in records) == pytest.approx(wall)
+
+
+def test_the_bill_goes_to_the_wandb_summary_run(report_sweep, tmp_path, monkeypatch):
+    import glob
+
+    import wandb
+
+    from sweeps.dry_run import bill_record
+    from sweeps.report import write_report
+    from sweeps.report_data import collect, table
+    from sweeps.tracking import log_sweep_summary, read_records
+
+    spec, _ = report_sweep
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = collect(spec)
+    bill = bill_record(spec, [t.row for t in data.trials])
+    run = wandb.init(project="bill-test", mode="offline", dir=str(tmp_path), job_type="summary")
+    log_sweep_summary(run, spec, *table(data.trials, spec), [], write_report(spec), bill=bill)
+    run.finish()
+    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    values = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+              for r in read_records(path) if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+    wall, steps, not_run = _measured(spec)
+    assert values["bill/trial_hours"] == pytest.approx(wall / 3600, abs=1e-6) and values["bill/unit"] == "CPU"
+    assert (values["bill/steps_run"], values["bill/steps_not_run"]) == (steps, not_run)
+    assert values["bill/pruning_saved_hours"] == pytest.approx(not_run * wall / steps / 3600, abs=1e-6)
+    assert values["bill/measured_over_estimate"] == pytest.approx(bill["estimate_vs_measured"]["ratio"])
+    assert values["bill/estimated/hours_per_trial"] == pytest.approx(estimate(spec)["hours_per_trial"], rel=1e-4)
