@@ -92,7 +92,8 @@ def test_results_table_has_every_trial_with_state_and_reason(finished_sweep):
             assert row.state == "complete" and row.steps == 10
             assert row.objective == pytest.approx(stub_score(row.params, 10))
     table = format_table(rows, finished_sweep)
-    assert table.splitlines()[0].split() == ["trial", "learning_rate", "rank", "clip_score", "state", "steps", "wall", "s"]
+    assert table.splitlines()[0].split() == ["trial", "learning_rate", "rank", "clip_score", "state", "steps", "wall", "s",
+                                             "CPU", "h", "not", "run"]
     assert "4 trials:" in table
 
 
