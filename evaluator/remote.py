@@ -2,21 +2,24 @@
 trial of a sweep, batching their concurrent requests. The only evaluator module importing Ray.
 
     start_evaluator(name=..., model=..., pretrained=...)   # the sweep driver, once per sweep
-    h = connect_evaluator(name=...)                         # each trial: the replica on its node
+    h = connect_evaluator(name=..., local_wait_s=...)       # each trial: the replica on its node
     score_remote(h, images_uint8, prompts)                  # {"clip_score", "per_image"}
     put_reference(h, key, training_images)                  # embedded once, cached by key
     score_suite_remote(h, items, images, trigger=..., train_key=key, base_key=...)
     stop_evaluator(name=...)                                # the sweep driver, at the end
 
-Replicas are named `<name>@<node id>` (one per node, pinned with NodeAffinitySchedulingStrategy)
-or `<name>#<i>` (`replicas=k`), in the Ray namespace `NAMESPACE`, detached so that they outlive
-a crashed driver and serve a resumed sweep; `stop_evaluator` removes them. Images travel as
-uint8 arrays (4x smaller than float32) through Ray's object store.
+Replicas are named `<name>@<node id>` (one per node, pinned with NodeAffinitySchedulingStrategy;
+`nodes=` chooses which, e.g. only the nodes that run trials) or `<name>#<i>` (`replicas=k`), in the
+Ray namespace `NAMESPACE`, detached so that they outlive a crashed driver and serve a resumed
+sweep; `stop_evaluator` removes them, `stop_replica` one of them. A client uses the replica on its
+own node and, when there is none (or it does not answer), another one, logging that it does.
+Images travel as uint8 arrays (4x smaller than float32) through Ray's object store.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import zlib
 
@@ -34,7 +37,10 @@ from evaluator.suites import SuiteItem, check_items
 __all__ = ["NAMESPACE", "DEFAULT_NAME", "EvaluatorError", "EvaluatorGone", "EvaluatorTimeout",
            "MissingReference", "start_evaluator", "connect_evaluator", "stop_evaluator",
            "score_remote", "score_suite_remote", "embed_remote", "put_reference", "has_reference",
-           "ensure_reference", "reference_key", "evaluator_stats"]
+           "ensure_reference", "reference_key", "evaluator_stats", "replica_name", "replica_nodes",
+           "stop_replica"]
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "lorasweep"
 DEFAULT_NAME = "lorasweep-evaluator"
@@ -91,6 +97,17 @@ def _replica_names(name: str, namespace: str) -> list[str]:
                   and (a["name"].startswith(f"{name}@") or a["name"].startswith(f"{name}#")))
 
 
+def replica_nodes(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> dict[str, str]:
+    """Node id -> replica name of every per-node replica of `name` that Ray lists now."""
+    _need_ray()
+    return {n.split("@", 1)[1]: n for n in _replica_names(name, namespace) if "@" in n}
+
+
+def replica_name(handle) -> str | None:
+    """The name of a replica that this process started or connected to."""
+    return _NAMES.get(handle._actor_id.hex())
+
+
 def _target_nodes(num_cpus: float, num_gpus: float) -> list[str]:
     """Alive nodes with room for one replica (a CPU-less head node gets none)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -109,7 +126,8 @@ def start_evaluator(name: str = DEFAULT_NAME, model: str = DEFAULT_MODEL,
                     torch_threads: int | None = None, namespace: str = NAMESPACE,
                     detached: bool = True, max_restarts: int = 1,
                     timeout_s: float = 600.0, dino: str | None = None,
-                    aesthetic: str | None = None) -> ray.actor.ActorHandle:
+                    aesthetic: str | None = None,
+                    nodes: list[str] | None = None) -> ray.actor.ActorHandle:
     """Get or create the evaluator replicas and wait until they have loaded the model.
 
     replicas: "per_node" (one per node with room, pinned there) or an int (that many, spread).
@@ -121,13 +139,16 @@ def start_evaluator(name: str = DEFAULT_NAME, model: str = DEFAULT_MODEL,
     ends them. max_restarts: Ray restarts a crashed replica (reloading the model, with an empty
     reference cache) this many times. dino / aesthetic: paths of the optional judges
     (`evaluator.judges`), loaded once per replica beside the CLIP model. Returns the replica on
-    the caller's node. An existing replica serving another model or other judges is an error
-    (stop it, or use another name).
+    the caller's node. nodes: with "per_node", the node ids to place replicas on (default:
+    every alive node with room). An existing replica serving another model or other judges is an
+    error (stop it, or use another name).
     """
     _need_ray()
     if replicas == "per_node":
         placements = [(f"{name}@{nid}", NodeAffinitySchedulingStrategy(nid, soft=False))
-                      for nid in _target_nodes(num_cpus, num_gpus)]
+                      for nid in (_target_nodes(num_cpus, num_gpus) if nodes is None else nodes)]
+        if not placements:
+            raise ValueError("nodes: give at least one node id (or None for every node with room)")
     elif isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 1:
         placements = [(f"{name}#{i}", "SPREAD") for i in range(replicas)]
     else:
@@ -169,21 +190,27 @@ def _pick(named: list[tuple[str, ray.actor.ActorHandle]]) -> ray.actor.ActorHand
 
 
 def connect_evaluator(name: str = DEFAULT_NAME, timeout_s: float = 60.0,
-                      namespace: str = NAMESPACE) -> ray.actor.ActorHandle:
+                      namespace: str = NAMESPACE, local_wait_s: float = 0.0) -> ray.actor.ActorHandle:
     """The running evaluator replica for this node (waiting up to `timeout_s` for one to appear
-    and answer). Raises EvaluatorGone when none exists by then."""
+    and answer). local_wait_s: how long to wait for this node's own replica (one that a driver
+    is starting on a node that just joined) before using another node's; that fallback, and a
+    replica that does not answer, are logged. Raises EvaluatorGone when none answers in time."""
     _need_ray()
-    deadline = time.monotonic() + timeout_s
+    node = ray.get_runtime_context().get_node_id()
+    start = time.monotonic()
+    deadline = start + timeout_s
     while True:
         names = _replica_names(name, namespace)
-        if names:
+        own = f"{name}@{node}" in names
+        waited = time.monotonic() - start
+        if names and (own or waited >= min(local_wait_s, timeout_s)):
             break
         if time.monotonic() >= deadline:
             raise EvaluatorGone(f"no evaluator named {name!r} in Ray namespace {namespace!r}: "
                                 + _restart_hint(name))
         time.sleep(0.2)
     named = []
-    for n in names:
+    for n in _by_preference(names, node):
         try:
             named.append((n, ray.get_actor(n, namespace=namespace)))
         except ValueError:  # it died between the listing and the look-up
@@ -191,9 +218,47 @@ def connect_evaluator(name: str = DEFAULT_NAME, timeout_s: float = 60.0,
     if not named:
         raise EvaluatorGone(f"evaluator {name!r} vanished while connecting: " + _restart_hint(name))
     _NAMES.update({h._actor_id.hex(): n for n, h in named})
-    handle = _pick(named)
-    _call(handle, handle.info.remote(), max(1.0, deadline - time.monotonic()))
-    return handle
+    return _first_answering(named, node, deadline)
+
+
+def _by_preference(names: list[str], node: str) -> list[str]:
+    """This node's replica first, then the others in a stable order that differs between nodes
+    (so that the clients of a node without a replica spread over the others)."""
+    own = [n for n in names if n.endswith(f"@{node}")]
+    others = [n for n in names if n not in own]
+    if others:
+        k = zlib.crc32(node.encode()) % len(others)
+        others = others[k:] + others[:k]
+    return own + others
+
+
+def _first_answering(named: list, node: str, deadline: float) -> ray.actor.ActorHandle:
+    """The first replica of `named` that answers; each but the last gets a share of the time left."""
+    for i, (n, handle) in enumerate(named):
+        left = max(1.0, deadline - time.monotonic())
+        try:
+            _call(handle, handle.info.remote(), left if i == len(named) - 1 else min(left, 30.0), n)
+        except (EvaluatorGone, EvaluatorTimeout) as err:
+            if i == len(named) - 1:
+                raise
+            log.warning("evaluator replica %s did not answer (%s); trying %s", n, err, named[i + 1][0])
+            continue
+        if not n.endswith(f"@{node}"):
+            log.warning("evaluator: no replica of %s answers on this node (%s); using %s",
+                        n.split("@")[0].split("#")[0], node[:12], n)
+        return handle
+    raise EvaluatorGone("no evaluator replica to connect to")  # unreachable: `named` is never empty
+
+
+def stop_replica(replica: str, namespace: str = NAMESPACE) -> bool:
+    """Kill one replica by its name (e.g. that of a node which left); False when it is not there."""
+    _need_ray()
+    _OWNED.pop(replica, None)
+    try:
+        ray.kill(ray.get_actor(replica, namespace=namespace), no_restart=True)
+    except ValueError:
+        return False
+    return True
 
 
 def stop_evaluator(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> int:

@@ -177,6 +177,9 @@ def describe_sweep(spec: SweepSpec) -> str:
         lines.append("evaluated first: " + "; ".join(str(c) for c in s.initial_configs))
     lines += _before_trials(spec)
     lines.append(f"resources per trial: {r.cpus_per_trial:g} CPU, {r.gpus_per_trial:g} GPU")
+    from sweeps.evaluator_placement import describe_placement
+
+    lines.append(describe_placement(spec))
     est = estimate(spec)
     lines.append(f"evaluation: every {spec.eval.interval} steps, {est['eval_images']} images (prompts x seeds)")
     lines.append(f"estimate: ~{est['steps_per_trial']:.0f} steps and {est['evals_per_trial']} evals per trial "
@@ -197,3 +200,49 @@ def describe_sweep(spec: SweepSpec) -> str:
     # warning, not an error (the sweep itself refuses it).
     lines += [f"warning: {problem}" for problem in input_problems(spec, local=False)]
     return "\n".join(lines)
+
+
+def estimate_vs_measured(spec: SweepSpec, bill) -> dict[str, Any]:
+    """The dry run's estimate (no pruning) beside what the sweep's trials measured (`sweeps.bill`):
+    per trial, the unpruned wall time (the wall time plus the steps pruning skipped at the measured
+    seconds per step) against the estimated one, and the totals in the bill's unit (GPU- or CPU-hours)."""
+    est = estimate(spec)
+    n = len(bill.trials)
+    unpruned_s = bill.wall_s + bill.steps_not_run * (bill.s_per_step or 0.0)
+    measured_h = unpruned_s / n / 3600 if n else None
+    return {
+        "estimated": {"steps_per_trial": round(est["steps_per_trial"], 1), "hours_per_trial": round(est["hours_per_trial"], 6),
+                      "unit_hours": round(est["trial_hours"] * bill.units_per_trial, 6), "trials": spec.search.num_trials},
+        "measured": {"steps_per_trial": round((bill.steps_run + bill.steps_not_run) / n, 1) if n else None,
+                     "hours_per_trial": None if measured_h is None else round(measured_h, 6),
+                     "unit_hours": round(bill.trial_hours, 6), "pruning_saved_hours": round(bill.saved_hours, 6),
+                     "trials": n},
+        "ratio": round(measured_h / est["hours_per_trial"], 4) if measured_h and est["hours_per_trial"] else None,
+    }
+
+
+def format_estimate_vs_measured(cmp: dict, unit: str) -> str:
+    e, m = cmp["estimated"], cmp["measured"]
+    if not m["trials"]:
+        return "estimate vs measured: no trial has run yet"
+    ratio = f" = {cmp['ratio']:.3g} x the estimate" if cmp["ratio"] is not None else ""
+    return (f"estimate (--dry-run, no pruning): {e['hours_per_trial']:.3g} h and {e['steps_per_trial']:g} steps per trial, "
+            f"{e['unit_hours']:.4g} {unit}-hours for {e['trials']} trials; measured: {m['hours_per_trial']:.3g} h and "
+            f"{m['steps_per_trial']:g} steps per trial unpruned{ratio}, {m['unit_hours']:.4g} {unit}-hours run + "
+            f"{m['pruning_saved_hours']:.4g} saved by pruning over {m['trials']} trials")
+
+
+def bill_record(spec: SweepSpec, rows: list) -> dict[str, Any]:
+    """The sweep's bill (sweeps.bill totals) with the estimate beside it: best.json's and W&B's."""
+    from sweeps.bill import sweep_bill
+
+    bill = sweep_bill(rows, spec)
+    return {**bill.as_dict(), "estimate_vs_measured": estimate_vs_measured(spec, bill)}
+
+
+def comparison_line(spec: SweepSpec, rows: list) -> str:
+    """The estimate beside the measured bill of the trials table's `rows`, as one line."""
+    from sweeps.bill import sweep_bill
+
+    bill = sweep_bill(rows, spec)
+    return format_estimate_vs_measured(estimate_vs_measured(spec, bill), bill.unit)

@@ -6,6 +6,7 @@ Layout in the sweep's folder (local or remote storage):
     export/rank2/...
     export/manifest.json          sha256 of every exported file; written last, so it marks a complete export
     best.safetensors, best.json, best_samples.png   the winner (kohya layout when available: UIs load it);
+                                                    best.json also holds the sweep's bill (sweeps.bill);
                                                     best_samples.png: labelled rows for the base model, the
                                                     winner and the worst trial, same prompts and seeds
 
@@ -106,7 +107,10 @@ def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None, run=
         entries.append(_export_one(spec, cand, rank, root, staging, hashes))
     worst = everyone[-1] if len(spec.objectives) == 1 and everyone[-1] is not chosen[0] else None
     comparison = _comparison(spec, chosen[0], worst, root, staging)
-    best_files = _export_best(spec, entries[0], root, staging, hashes, comparison)
+    from sweeps.dry_run import bill_record
+
+    bill = bill_record(spec, [r.row for r in records])  # what the sweep cost, beside its estimate
+    best_files = _export_best(spec, entries[0], root, staging, hashes, comparison, bill)
     manifest = {
         "sweep": spec.name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -196,12 +200,14 @@ def _comparison(spec: SweepSpec, best: Candidate, worst: Candidate | None, root:
     return out
 
 
-def _export_best(spec: SweepSpec, entry: dict, root: str, staging: Path, hashes: dict, comparison: Path) -> list[Path]:
+def _export_best(spec: SweepSpec, entry: dict, root: str, staging: Path, hashes: dict, comparison: Path,
+                 bill: dict) -> list[Path]:
     local = staging / f"rank{entry['rank']}"
     fmt = "kohya" if "kohya" in entry["files"] else "diffusers"
     info = json.loads((local / "info.json").read_text())
     info.update(format=fmt, lora="best.safetensors", objective={
-        "metric": spec.primary.metric, "mode": spec.primary.mode, "value": entry["objectives"][spec.primary.metric]})
+        "metric": spec.primary.metric, "mode": spec.primary.mode, "value": entry["objectives"][spec.primary.metric]},
+        bill=bill)
     shutil.copyfile(local / Path(entry["files"][fmt]).name, staging / "best.safetensors")
     shutil.copyfile(comparison, staging / "best_samples.png")
     (staging / "best.json").write_text(json.dumps(info, indent=2, default=str))

@@ -78,6 +78,8 @@ def _sampled_grids(root: str) -> list[dict]:
 
 def _page(data, grids: list[dict]) -> str:
     from sweeps import report_plots as plots
+    from sweeps.bill import format_bill, sweep_bill
+    from sweeps.dry_run import comparison_line
     from sweeps.importance import study_dir
     from sweeps.report_page import data_uri, render_page
     from sweeps.results import sweep_uri
@@ -85,6 +87,7 @@ def _page(data, grids: list[dict]) -> str:
 
     spec = data.spec
     header, rows = _table(data)
+    trial_rows = [t.row for t in data.trials]
     counts = {s: sum(t.row.state == s for t in data.trials) for s in ("complete", "pruned", "failed", "running", "pending")}
     importance_png = plots.importance_plot(data.importances)
     return render_page({
@@ -94,6 +97,7 @@ def _page(data, grids: list[dict]) -> str:
         "written": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "location": sweep_uri(spec),
         "header": header, "rows": rows,
+        "bill": [*format_bill(sweep_bill(trial_rows, spec)), comparison_line(spec, trial_rows)],
         "failed": [f"{t.row.trial_id} failed: {t.row.reason}" for t in data.trials if t.row.state == "failed"],
         "curves": data_uri(plots.curves_plot(data), "image/png"),
         "importances": data.importances,
@@ -228,7 +232,10 @@ def finish_report(spec, records, run=None) -> str:
     data = _collect(spec, records)
     index = _write(data)
     if run is not None:
-        log_sweep_summary(run, spec, *table(data.trials, spec), data.importances, index)
+        from sweeps.dry_run import bill_record
+
+        log_sweep_summary(run, spec, *table(data.trials, spec), data.importances, index,
+                          bill=bill_record(spec, [t.row for t in data.trials]))
     return index
 
 

@@ -116,12 +116,17 @@ def trial_data(records: list[TrialRecord], spec: SweepSpec) -> list[TrialData]:
 
 
 def table(trials: list[TrialData], spec: SweepSpec) -> tuple[list[str], list[list]]:
-    """The trials table: header and one row of raw values per trial (the page and W&B format them)."""
+    """The trials table: header and one row of raw values per trial (the page and W&B format them),
+    each trial's bill (sweeps.bill: trial-hours, steps not run when pruned) last."""
+    from sweeps.bill import sweep_bill
+
     params = sorted({k for t in trials for k in t.row.params})
     columns = table_columns(spec, trials)
-    header = ["trial", *params, *columns, "state", "steps", "trial s"]
+    bill = sweep_bill([t.row for t in trials], spec)
+    header = ["trial", *params, *columns, "state", "steps", "trial s", f"{bill.unit} h", "steps not run"]
     rows = [[t.row.trial_id, *(t.row.params.get(p) for p in params), *(t.metrics.get(c) for c in columns),
-             t.row.state, t.row.steps, t.row.wall_s] for t in trials]
+             t.row.state, t.row.steps, t.row.wall_s, b.trial_hours, b.steps_not_run or None]
+            for t, b in zip(trials, bill.trials)]
     return header, rows
 
 

@@ -42,6 +42,8 @@ exported trials in bold.</p>
 <tr class="{{ r.cls }}">{% for v in r.cells %}<td{% if v.text %} class="text"{% endif %}
 {%- if v.sort is not none %} data-sort="{{ v.sort }}"{% endif %}>{{ v.shown }}</td>{% endfor %}</tr>{% endfor %}
 </tbody></table></div>
+<h3 id="bill">Cost</h3>
+{% for line in bill %}<p class="bill">{{ line }}</p>{% endfor %}
 {% if failed %}<details><summary>{{ failed|length }} failed trial(s) and why</summary>
 {% for r in failed %}<p class="note">{{ r }}</p>{% endfor %}</details>{% endif %}
 

@@ -15,6 +15,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 from sweeps import storage
+from sweeps.bill import format_bill, sweep_bill
 from sweeps.spec_checks import TRIAL_METRICS
 from sweeps.spec_schema import SweepSpec
 
@@ -46,6 +47,7 @@ class TrialRow:
     steps: int | None
     wall_s: float | None
     reason: str | None = None
+    budget: int | None = None  # the trial's step budget (max_train_steps), when known
     values: dict = field(default_factory=dict)  # best checkpoint's value of every objective
     metrics: dict = field(default_factory=dict)  # best checkpoint's value of every number it reported
 
@@ -104,6 +106,7 @@ def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures
         reason = _failure_reason(failures, trial.trial_id, result)
     elif state == "complete" and (trial.trial_id in pruned or _stopped_early(trial.config, last, spec)):
         state = "pruned"
+    budget = last.get("max_train_steps") or _spec_budget(trial.config, spec)
     return TrialRow(
         trial_id=trial.trial_id,
         params=dict(trial.config or {}),
@@ -112,6 +115,7 @@ def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures
         steps=last.get("step"),
         wall_s=last.get("time_total_s"),
         reason=reason,
+        budget=int(budget) if budget else None,
         values={o.metric: scored[0][1].get(o.metric) for o in spec.objectives} if scored else {},
         metrics={k: v for k, v in scored[0][1].items() if _number(v)} if scored else {},
     )
@@ -128,7 +132,7 @@ def parse_columns(text: str) -> list[str]:
     if unknown or not names:
         what = f"unknown column(s) {', '.join(unknown)}" if unknown else "no column given"
         raise ColumnError(f"--columns: {what}; valid columns: {', '.join(TABLE_COLUMNS)} "
-                          "(trial, params, the objective, state, steps and wall time are always shown)")
+                          "(trial, params, the objective, state, steps, wall time and the bill are always shown)")
     return names
 
 
@@ -143,13 +147,17 @@ def _stopped_early(params: dict, last: dict, spec: SweepSpec) -> bool:
     """A trial that ended normally before its step budget was stopped by the scheduler."""
     if last.get("step") is None:
         return False
-    budget = last.get("max_train_steps")
-    if budget is None:  # stub trainables: the spec's budget
-        try:
-            budget = spec.train_config(params or {}).max_train_steps
-        except Exception:  # an invalid config never trained; it is failed, not pruned
-            return False
+    budget = last.get("max_train_steps") or _spec_budget(params, spec)  # stub trainables: the spec's
+    if budget is None:  # an invalid config never trained; it is failed, not pruned
+        return False
     return int(last["step"]) < budget
+
+
+def _spec_budget(params: dict | None, spec: SweepSpec) -> int | None:
+    try:
+        return spec.train_config(params or {}).max_train_steps
+    except Exception:  # an invalid config
+        return None
 
 
 def _failure_reason(failures: str, trial_id: str, result: tune.Result) -> str:
@@ -192,11 +200,12 @@ def format_table(rows: list[TrialRow], spec: SweepSpec, columns: list[str] | Non
     if columns is None:
         columns = [m for m in SHOWN_METRICS if any(m in r.metrics for r in rows)]
     extra = [m for m in columns if m != metric]
-    header = ["trial", *keys, metric, *extra, "state", "steps", "wall s"]
+    bill = sweep_bill(rows, spec)
+    header = ["trial", *keys, metric, *extra, "state", "steps", "wall s", f"{bill.unit} h", "not run"]
     body = [
         [r.trial_id, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.objective), *[_fmt(r.metrics.get(m)) for m in extra],
-         r.state, _fmt(r.steps), _fmt(r.wall_s)]
-        for r in rows
+         r.state, _fmt(r.steps), _fmt(r.wall_s), _fmt(t.trial_hours), _fmt(t.steps_not_run or None)]
+        for r, t in zip(rows, bill.trials)
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *body]]
@@ -204,7 +213,8 @@ def format_table(rows: list[TrialRow], spec: SweepSpec, columns: list[str] | Non
     failed = [f"  {r.trial_id}: {r.reason}" for r in rows if r.state == "failed"]
     counts = {s: sum(r.state == s for r in rows) for s in ("complete", "pruned", "failed", "running", "pending")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    return "\n".join([*lines, "", f"{len(rows)} trials: {summary}", *(["failed trials:", *failed] if failed else [])])
+    return "\n".join([*lines, "", f"{len(rows)} trials: {summary}", *(["failed trials:", *failed] if failed else []),
+                      *format_bill(bill)])
 
 
 def _fmt(value) -> str:

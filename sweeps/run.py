@@ -69,9 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe(spec) -> str:
-    from sweeps.dry_run import describe_sweep
+    """The dry run; once the sweep has run, its estimate beside what the trials measured."""
+    from sweeps.dry_run import comparison_line, describe_sweep
+    from sweeps.results import load_records
+    from sweeps.tuner import can_resume
 
-    return describe_sweep(spec)
+    text = describe_sweep(spec)
+    if can_resume(spec):  # the storage holds this sweep: compare
+        text += "\nafter the sweep: " + comparison_line(spec, [r.row for r in load_records(spec)])
+    return text
 
 
 def _stored_or_given(spec, source: str):
@@ -113,6 +119,7 @@ def sweep(spec, args, columns: list[str] | None = None) -> int:
 
 
 def export_only(spec, columns: list[str] | None = None) -> int:
+    from sweeps.dry_run import comparison_line
     from sweeps.export import export_sweep
     from sweeps.report import finish_report
     from sweeps.results import format_table, load_records, sweep_uri
@@ -120,6 +127,7 @@ def export_only(spec, columns: list[str] | None = None) -> int:
 
     records = load_records(spec)
     print("\n" + format_table([r.row for r in records], spec, columns))
+    print(comparison_line(spec, [r.row for r in records]))
     with summary_run(spec) as run:
         result = export_sweep(spec, records, run=run)
         try:

@@ -351,6 +351,10 @@ def cross_problems(spec: SweepSpec) -> list[str]:
     evaluator = _section(spec, "evaluator", EvaluatorSpec)
     if evaluator:
         out += _judge_problems(spec, evaluator, ev, objectives)
+    if evaluator and resources and evaluator.placement.device == "gpu" and resources.gpus_per_trial == 0:
+        # A replica asking for a GPU share would only go to GPU nodes, which CPU trials need not have.
+        out.append("evaluator.placement.device: gpu, but resources.gpus_per_trial is 0 (the trials hold no GPU); "
+                   "use device: cpu or auto, or give the trials GPUs")
     return out + _caption_problems(spec)
 
 

@@ -108,6 +108,24 @@ class EvalSpec(_Strict):
         "sweeps have no oracle.")
 
 
+class EvaluatorPlacementSpec(_Strict):
+    """Where the evaluator's replicas run: one on every node that can run a trial (never a node that
+    cannot, such as a `CPU: 0` head), also on nodes that join while the sweep runs."""
+
+    device: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="gpu: each replica holds gpu_fraction of a GPU beside the node's trials and runs CLIP "
+        "there; cpu: it runs on the node's CPUs; auto: gpu when trials use GPUs and a GPU keeps room for the "
+        "replica beside its trials (gpus_per_trial < 1, e.g. 0.9 or 0.45), else cpu.")
+    gpu_fraction: float = Field(0.1, gt=0, lt=1, description="Share of one GPU each replica holds with device gpu.")
+    cpus: float = Field(
+        0.0, ge=0, description="CPUs each replica holds. 0 (default): it computes in short bursts between "
+        "trainings, and a held CPU would idle most of the time and hold back a trial.")
+    torch_threads: int = Field(1, ge=1, description="The replica's intra-op threads (CPU device).")
+    local_wait_s: float = Field(
+        60.0, ge=0, description="How long a trial waits for its own node's replica (a node that just joined "
+        "gets one within seconds) before it uses another node's, with a log line saying so.")
+
+
 class EvaluatorSpec(_Strict):
     model: str = Field(DEFAULT_MODEL, description="open_clip model name, or builtin:tiny-clip.")
     pretrained: str | None = Field(DEFAULT_PRETRAINED, description="open_clip pretrained tag or local checkpoint path.")
@@ -119,6 +137,7 @@ class EvaluatorSpec(_Strict):
         None, description="Optional judge: a LAION aesthetic head file (.pth or .safetensors: the improved-aesthetic-"
         "predictor MLP or the original linear head) made for this CLIP model's embeddings; every evaluation then "
         "reports aesthetic, the mean predicted score of the prompt images.")
+    placement: EvaluatorPlacementSpec = Field(default_factory=EvaluatorPlacementSpec)
 
     def judge_paths(self) -> dict[str, str | None]:
         """{"dino", "aesthetic"}: each configured judge's path made absolute (relative to the working

@@ -10,10 +10,13 @@ from sweeps.spec_schema import SweepSpec
 
 
 def sweep_status(spec: SweepSpec, columns: list[str] | None = None) -> str:
-    """A table of every trial (params, objective, metric `columns`, state, steps, wall time) and
-    whether an export exists."""
+    """A table of every trial (params, objective, metric `columns`, state, steps, wall time, its
+    bill), the sweep's bill beside the dry run's estimate, and whether an export exists."""
+    from sweeps.dry_run import comparison_line
+
     records = load_records(spec)
-    lines = [f"sweep {spec.name} at {experiment_path(spec)}", "", format_table([r.row for r in records], spec, columns)]
+    rows = [r.row for r in records]
+    lines = [f"sweep {spec.name} at {experiment_path(spec)}", "", format_table(rows, spec, columns), comparison_line(spec, rows)]
     lines.append("\n" + format_importances(param_importances(load_sweep_study(spec), spec)))
     manifest = storage.join(sweep_uri(spec), EXPORT_DIR, MANIFEST)
     lines.append(f"\nexport: {manifest}" if storage.exists(manifest) else "\nexport: not yet (written when the sweep ends)")

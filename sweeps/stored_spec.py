@@ -23,7 +23,8 @@ FORMAT = "lorasweep-sweep-spec/1"
 # Dotted prefixes whose change leaves every trial's question as it was. `storage` names where the
 # record was found, so it is the same place; a suite file's path may change while its expanded
 # prompts (compared as eval_prompts/eval_seeds) stay the same.
-SAFE_PREFIXES = ("search.max_concurrent", "tracking", "export", "resources.start_timeout_s", "storage")
+SAFE_PREFIXES = ("search.max_concurrent", "tracking", "export", "resources.start_timeout_s", "storage",
+                 "evaluator.placement")
 
 
 def spec_record(spec: SweepSpec) -> dict[str, Any]:

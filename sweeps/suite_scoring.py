@@ -22,8 +22,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from evaluator.remote import MissingReference, connect_evaluator, ensure_reference, score_suite_remote
+from evaluator.remote import MissingReference, ensure_reference, score_suite_remote
 from sweeps import storage
+from sweeps.evaluator_placement import connect_replica, served_locally
 from sweeps.trial_plan import TrialPlan
 from trainer.images import load_image
 from trainer.loop import LoraTrainer
@@ -126,7 +127,8 @@ def make_suite_scorer(plan: TrialPlan, trainer: LoraTrainer) -> Scorer | None:
 
 
 def _remote(plan, trainer, base_key) -> Scorer:
-    handle = connect_evaluator(name=plan.evaluator_actor, timeout_s=120)
+    handle = connect_replica(plan.evaluator_actor, plan.evaluator_local_wait_s)
+    local = float(served_locally(handle))  # reported: 1 when this node's own replica scored
     train_key = f"{plan.sweep}/train"
 
     def put_references() -> None:
@@ -142,10 +144,11 @@ def _remote(plan, trainer, base_key) -> Scorer:
                                       base_key=base_key, train_key=train_key,
                                       weights=plan.objective_weights, timeout_s=600)
         try:
-            return call()
+            scores = call()
         except MissingReference:  # the evaluator restarted with an empty cache: put them again
             put_references()
-            return call()
+            scores = call()
+        return {**scores, "evaluator_local": local}
 
     return score
 

@@ -110,13 +110,17 @@ def log_winner(spec: SweepSpec, files: dict[str, Path], metadata: dict, run=None
 
 
 def log_sweep_summary(run, spec: SweepSpec, header: list[str], rows: list[list], importances: list,
-                      report_index: str) -> None:
+                      report_index: str, bill: dict | None = None) -> None:
     """On the summary run: a wandb.Table of the trials (sweeps.report_data.table), parameter
-    importance (sweeps.importance.Importance) as a table and a bar chart per objective, and the
-    report folder (index.html + its PNG grids) as an artifact."""
+    importance (sweeps.importance.Importance) as a table and a bar chart per objective, the
+    report folder (index.html + its PNG grids) as an artifact, and the sweep's bill
+    (sweeps.dry_run.bill_record) as `bill/*` summary values."""
     import wandb
 
     from sweeps import storage
+
+    if bill:
+        run.summary.update(_bill_summary(bill))
 
     logged = {"trials": wandb.Table(columns=header, data=[[_cell(v) for v in r] for r in rows], allow_mixed_types=True)}
     for imp in importances:
@@ -133,6 +137,17 @@ def log_sweep_summary(run, spec: SweepSpec, header: list[str], rows: list[list],
             storage.copy_file(storage.join(folder, rel), Path(tmp) / rel)
         artifact.add_dir(tmp)  # copied into W&B's staging area now: the folder may go
     run.log_artifact(artifact, aliases=["latest", spec.name])
+
+
+def _bill_summary(bill: dict) -> dict:
+    """`bill/<total>` and `bill/estimate/<figure>`, `bill/measured/<figure>`: the numbers only."""
+    out = {f"bill/{k}": v for k, v in bill.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    cmp = bill.get("estimate_vs_measured") or {}
+    for side in ("estimated", "measured"):
+        out.update({f"bill/{side}/{k}": v for k, v in (cmp.get(side) or {}).items() if v is not None})
+    if cmp.get("ratio") is not None:
+        out["bill/measured_over_estimate"] = cmp["ratio"]
+    return out
 
 
 def _cell(value):

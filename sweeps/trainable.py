@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from ray import tune
 
-from evaluator.remote import connect_evaluator, score_remote
+from evaluator.remote import score_remote
 from sweeps import storage
 from sweeps.eval_images import save_eval_images
+from sweeps.evaluator_placement import connect_replica, served_locally
 from sweeps.results import BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.sample_grids import save_grid
 from sweeps.suite_scoring import make_suite_scorer
@@ -150,8 +151,9 @@ def save_loras(trainer: LoraTrainer, plan: TrialPlan, params: dict, folder: Path
 def make_scorer(plan: TrialPlan) -> Scorer:
     """The sweep's shared evaluator actor when the driver started one, else a CLIP model in this process."""
     if plan.evaluator_actor:
-        handle = connect_evaluator(name=plan.evaluator_actor, timeout_s=120)
-        return lambda images, prompts: score_remote(handle, images, prompts, timeout_s=600)
+        handle = connect_replica(plan.evaluator_actor, plan.evaluator_local_wait_s)
+        local = float(served_locally(handle))  # reported: 1 when this node's own replica scored
+        return lambda images, prompts: {**score_remote(handle, images, prompts, timeout_s=600), "evaluator_local": local}
     from evaluator import ClipModel, score_images  # torch and open_clip: only where the model runs
 
     clip = ClipModel.load(plan.evaluator_model, plan.evaluator_pretrained)

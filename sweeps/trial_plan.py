@@ -53,6 +53,7 @@ class TrialPlan:
     objective_weights: dict[str, float] | None = None  # `objective.weights` (None: the defaults)
     evaluator_dino: str | None = None  # the optional judges' absolute paths (`evaluator.dino`, `.aesthetic`)
     evaluator_aesthetic: str | None = None
+    evaluator_local_wait_s: float = 60.0  # `evaluator.placement.local_wait_s`
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
@@ -131,6 +132,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True, addr
         evaluator_model=spec.evaluator.model, evaluator_pretrained=spec.evaluator.pretrained,
         cpus_per_trial=spec.resources.cpus_per_trial,
         objective_weights=spec.objective_weights(),
+        evaluator_local_wait_s=spec.evaluator.placement.local_wait_s,
         evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
     )
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from evaluator.remote import start_evaluator, stop_evaluator
 from sweeps import storage
 from sweeps.cluster_fit import TrialStartTimeout, cluster_fit_warning
+from sweeps.evaluator_placement import ReplicaWatcher
 from sweeps.progress import ProgressPrinter
 from sweeps.pruning import make_pruner, make_scheduler
 from sweeps.ray_session import ensure_ray
@@ -140,18 +140,10 @@ def run_sweep(spec: SweepSpec, plan: TrialPlan | None, address: str | None = Non
     tuner = restore_tuner(spec, plan, trainable) if restorable else build_tuner(spec, plan, trainable, report)
     # Tune snapshots its state after every kept checkpoint (what resume needs); it need not warn about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    handle = _start_evaluator(spec) if trainable is None else None
+    # One evaluator replica per trial node for the whole sweep, also on nodes that join later.
+    watcher = ReplicaWatcher(spec, evaluator_name(spec)).start() if trainable is None else None
     try:
         return tuner.fit()
     finally:
-        if handle is not None:
-            stop_evaluator(name=evaluator_name(spec))
-
-
-def _start_evaluator(spec: SweepSpec):
-    """One evaluator actor per node for the whole sweep: one CLIP model copy serves the node's trials."""
-    name = evaluator_name(spec)
-    # No CPU reserved: it computes in short bursts between trainings, and a held CPU would idle
-    # most of the time (on a small machine it would hold back a trial).
-    return start_evaluator(name=name, model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
-                           num_cpus=0, torch_threads=1, **spec.evaluator.judge_paths())
+        if watcher is not None:
+            watcher.stop()

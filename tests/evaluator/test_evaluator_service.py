@@ -177,3 +177,28 @@ def test_dead_or_missing_service_says_how_to_restart(ray_local):
         connect_evaluator("doomed", timeout_s=0.5)
     with pytest.raises(ValueError, match="replicas must be"):
         start_evaluator("doomed", TINY_CLIP_ID, None, replicas=0)
+
+
+@pytest.mark.slow  # starts two more services
+def test_a_client_waits_for_its_nodes_replica_then_falls_back_to_another_saying_so(ray_local, caplog):
+    from evaluator.remote import replica_name
+
+    node = ray.get_runtime_context().get_node_id()
+    start_evaluator("elsewhere", TINY_CLIP_ID, None, replicas=1, num_cpus=0, detached=False)  # on no node of its own
+    try:
+        with caplog.at_level("WARNING", logger="evaluator.remote"):
+            handle = connect_evaluator("elsewhere", timeout_s=60, local_wait_s=0.5)
+        assert replica_name(handle) == "elsewhere#0"
+        assert f"no replica of elsewhere answers on this node ({node[:12]}); using elsewhere#0" in caplog.text
+        assert score_remote(handle, *render_shapes(2, seed=5))["clip_score"] > 0
+        # A node's own replica that appears while the client waits is the one it gets, without a warning.
+        caplog.clear()
+        late = threading.Timer(1.0, lambda: start_evaluator("elsewhere", TINY_CLIP_ID, None, num_cpus=0,
+                                                            detached=False, nodes=[node]))
+        late.start()
+        with caplog.at_level("WARNING", logger="evaluator.remote"):
+            handle = connect_evaluator("elsewhere", timeout_s=60, local_wait_s=50)
+        late.join()
+        assert replica_name(handle) == f"elsewhere@{node}" and "using" not in caplog.text
+    finally:
+        assert stop_evaluator("elsewhere") == 2

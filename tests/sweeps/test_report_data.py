@@ -22,12 +22,14 @@ def test_table_has_every_trial_with_its_best_evaluation(report_sweep):
     spec, _ = report_sweep
     data = collect(spec)
     header, rows = table(data.trials, spec)
-    assert header == ["trial", "learning_rate", "rank", "clip_score", "state", "steps", "trial s"]
+    assert header == ["trial", "learning_rate", "rank", "clip_score", "state", "steps", "trial s", "CPU h", "steps not run"]
     assert len(rows) == len(data.trials) == spec.search.num_trials
     for row in rows:
         params = dict(zip(["learning_rate", "rank"], row[1:3]))
         assert row[3] == pytest.approx(stub_score(params, row[5]))  # the best evaluation is the last one
         assert row[4] in ("complete", "pruned") and row[6] > 0
+        assert row[7] == pytest.approx(row[6] / 3600)  # 1 CPU per trial: wall x 1
+        assert row[8] == (STEPS[-1] - row[5] if row[4] == "pruned" else None)
 
 
 def test_curves_hold_every_evaluation_and_pruned_trials_are_marked_where_they_stopped(report_sweep):

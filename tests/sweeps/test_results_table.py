@@ -31,20 +31,22 @@ def _table(rows, spec, columns=None) -> list[list[str]]:
 def test_default_table_shows_the_few_shown_metrics_that_trials_report(spec):
     header, first, second = _table(_rows(), spec)
     assert header == ["trial", "learning_rate", "rank", "objective", "clip_score", "concept_accuracy", "prior_accuracy",
-                      "cmmd", "state", "steps", "wall", "s"]
-    assert first == ["t1", "0.002", "2", "42.5", "30.25", "0.5", "0.75", "1.5", "complete", "400", "61"]
-    assert second == ["t2", "0.03", "4", "-", "-", "-", "-", "-", "failed", "10", "3"]
+                      "cmmd", "state", "steps", "wall", "s", "CPU", "h", "not", "run"]
+    # the demo's trials hold 1 CPU and no GPU: trial-hours are CPU-hours, wall x 1
+    assert first == ["t1", "0.002", "2", "42.5", "30.25", "0.5", "0.75", "1.5", "complete", "400", "61", "0.01694", "-"]
+    assert second == ["t2", "0.03", "4", "-", "-", "-", "-", "-", "failed", "10", "3", "0.0008333", "-"]
     # A sweep whose trials report none of them (no oracle, no training images): no empty columns.
     bare = [TrialRow("t1", {"rank": 2}, 1.0, "complete", 4, 1.0, metrics={"objective": 1.0, "val_loss": 0.1})]
-    assert _table(bare, spec)[0] == ["trial", "rank", "objective", "state", "steps", "wall", "s"]
+    assert _table(bare, spec)[0] == ["trial", "rank", "objective", "state", "steps", "wall", "s", "CPU", "h", "not", "run"]
 
 
 def test_chosen_columns_in_their_order_even_where_no_trial_reports_them(spec):
     header, first, second = _table(_rows(), spec, parse_columns("val_loss, clip_kid,diversity,objective,heldout_score,clip_fd"))
     # The objective is always there (once); the chosen columns replace the default ones.
     assert header == ["trial", "learning_rate", "rank", "objective", "val_loss", "clip_kid", "diversity", "heldout_score",
-                      "clip_fd", "state", "steps", "wall", "s"]
-    assert first == ["t1", "0.002", "2", "42.5", "0.0871", "0.0123", "0.2", "0.625", "-", "complete", "400", "61"]
+                      "clip_fd", "state", "steps", "wall", "s", "CPU", "h", "not", "run"]
+    assert first == ["t1", "0.002", "2", "42.5", "0.0871", "0.0123", "0.2", "0.625", "-", "complete", "400", "61",
+                     "0.01694", "-"]
     assert second[4:9] == ["-"] * 5
 
 

@@ -72,7 +72,7 @@ def test_shared_service_gives_the_local_scores(suite_setup, ray_local):
     handle = start_evaluator(name="suite-test", model=spec.evaluator.model, pretrained=spec.evaluator.pretrained,
                              replicas=1, num_cpus=0, detached=False)
     try:
-        shared = replace(plan, evaluator_actor="suite-test")
+        shared = replace(plan, evaluator_actor="suite-test", evaluator_local_wait_s=0)  # a replica of no node
         remote = make_suite_scorer(shared, trainer)(images, prompts)
         make_suite_scorer(shared, trainer)  # a second trial: references already cached
         stats = evaluator_stats(handle)
@@ -80,6 +80,7 @@ def test_shared_service_gives_the_local_scores(suite_setup, ray_local):
         stop_evaluator(name="suite-test")
     for key in ("clip_score", "clip_i", "prior_preservation", "trigger_effect", "objective"):
         assert remote[key] == pytest.approx(local[key], rel=1e-3, abs=1e-3), key
+    assert remote["evaluator_local"] == 0.0  # not this node's own replica: reported as such
     assert stats["model_loads"] == 1
     assert sorted(stats["references"]) == [base_reference_key(plan, trainer), "demo/train"]
 

@@ -48,10 +48,16 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     # The table lists all three trials with the oracle's columns, and the winner has its best score.
     # (the demo's median pruner may stop the third trial early: "pruned")
     header = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("trial "))
-    assert header[-9:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "cmmd", "state", "steps", "wall", "s"]
-    table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 4 and ln.split()[-3] in ("complete", "pruned")]
+    assert header[-13:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "cmmd", "state", "steps", "wall",
+                            "s", "CPU", "h", "not", "run"]
+    table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 6 and ln.split()[-5] in ("complete", "pruned")]
     assert len(table) == 3, proc.stdout
-    scores = [float(ln.split()[-8]) for ln in table]
+    scores = [float(ln.split()[-10]) for ln in table]
+    # The bill: each trial's CPU-hours are its wall time x 1 CPU; best.json holds the totals.
+    for ln in table:
+        assert float(ln.split()[-2]) == pytest.approx(float(ln.split()[-3]) / 3600, rel=2e-3), ln
+    assert info["bill"]["steps_run"] == sum(int(ln.split()[-4]) for ln in table) and info["bill"]["unit"] == "CPU"
+    assert any(ln.startswith("bill: ") for ln in proc.stdout.splitlines())
     assert info["objective"]["value"] == pytest.approx(max(scores), rel=1e-3)
     # best_samples.png: labelled rows for the base model, the winner and the worst trial.
     from PIL import Image

@@ -92,7 +92,8 @@ def test_results_table_has_every_trial_with_state_and_reason(finished_sweep):
             assert row.state == "complete" and row.steps == 10
             assert row.objective == pytest.approx(stub_score(row.params, 10))
     table = format_table(rows, finished_sweep)
-    assert table.splitlines()[0].split() == ["trial", "learning_rate", "rank", "clip_score", "state", "steps", "wall", "s"]
+    assert table.splitlines()[0].split() == ["trial", "learning_rate", "rank", "clip_score", "state", "steps", "wall", "s",
+                                             "CPU", "h", "not", "run"]
     assert "4 trials:" in table
 
 
@@ -146,11 +147,12 @@ def test_cli_export_only_and_status_print_table_and_winner_last(finished_sweep, 
     assert run_cli.main([*args, "--status", "--columns", "loss"]) == 0
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("trial"))
-    assert lines[start].split() == ["trial", "learning_rate", "rank", "clip_score", "loss", "state", "steps", "wall", "s"]
+    assert lines[start].split() == ["trial", "learning_rate", "rank", "clip_score", "loss", "state", "steps", "wall", "s",
+                                    "CPU", "h", "not", "run"]
     params = {r.row.trial_id: r.row.params for r in load_records(spec)}
     for line in lines[start + 2:start + 6]:
         cells = line.split()
-        if cells[-3] != "failed":
+        if cells[-5] != "failed":
             assert cells[4] == f"{stub_loss(params[cells[0]]):.4g}", line
     assert run_cli.main([*args, "--export-only"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

@@ -89,6 +89,15 @@ def test_offline_sweep_logs_metrics_images_and_artifact_without_the_key(tmp_path
     table = json.loads((Path(summary).parent / "files" / logged["trials/path"]).read_text())
     assert table["columns"][:4] == ["trial", "learning_rate", "lr_scheduler", "rank"] and "objective" in table["columns"]
     assert logged["importance/objective/_type"] == "table-file"
+    assert table["columns"][-2:] == ["CPU h", "steps not run"]
+    # The bill in the summary, the same figures as best.json's.
+    summary_values = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                      for r in read_records(summary) if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+    bill = json.loads((sweep / "best.json").read_text())["bill"]
+    assert bill["steps_run"] == 8 and bill["unit"] == "CPU"  # 2 trials x 4 steps, none pruned
+    for figure in ("trial_hours", "steps_run", "steps_not_run", "pruning_saved_hours"):  # (`key` is the W&B key)
+        assert summary_values[f"bill/{figure}"] == pytest.approx(bill[figure]), figure
+    assert summary_values["bill/measured_over_estimate"] == pytest.approx(bill["estimate_vs_measured"]["ratio"])
     assert "importance/objective_chart_table/_type" in logged
     # The key appears in no file of the sweep, and the driver says how to upload the offline runs.
     session = re.search(r"(/tmp/ray/session_[^/\s]+)", proc.stdout + proc.stderr)
