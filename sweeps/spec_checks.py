@@ -23,6 +23,7 @@ from sweeps.spec_schema import (
     PrunerSpec,
     ResourcesSpec,
     SearchSpec,
+    StudySpec,
     SweepSpec,
     search_order,
 )
@@ -335,6 +336,11 @@ def cross_problems(spec: SweepSpec) -> list[str]:
     evaluator = _section(spec, "evaluator", EvaluatorSpec)
     if evaluator:
         out += _judge_problems(spec, evaluator, ev, objectives)
+    study = _section(spec, "study", StudySpec)
+    if study:
+        from sweeps.study_storage import storage_problems
+
+        out += storage_problems(spec.model_copy(update={"study": study}))
     return out
 
 
