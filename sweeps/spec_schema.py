@@ -173,7 +173,8 @@ class ExportSpec(_Strict):
 class StudySpec(_Strict):
     storage: str = Field(
         "journal", description="Where the Optuna study lives: `journal` (a journal file in the sweep's storage, written "
-        "through when that is an object store) or an Optuna RDB URL (sqlite:///study.db, postgresql://user:pass@host/db).")
+        "through when that is an object store) or an Optuna RDB URL without a password (sqlite:///study.db, "
+        "postgresql://user@host/db; PGPASSWORD or ~/.pgpass).")
 
 
 class FailureSpec(_Strict):

@@ -6,8 +6,9 @@ in its local mirror (SweepSpec.output_dir) and writes it through to `<sweep>/stu
 storage after every append, and a driver without the local file (a new head) starts from the
 stored one. Only the driver writes the study (the searcher runs there), so one writer appends.
 
-An Optuna RDB URL (`sqlite:///study.db`, `postgresql://user:pass@host/db`): the study lives in
-that database, which outlives any head; Optuna's RDBStorage creates its tables on first use.
+An Optuna RDB URL (`sqlite:///study.db`, `postgresql://user@host/db`): the study lives in that
+database, which outlives any head; Optuna's RDBStorage creates its tables on first use. The URL
+holds no password (it is stored with the sweep): the database driver reads PGPASSWORD or ~/.pgpass.
 
 `pruned.json` (which trials the scheduler pruned, and at which step) is written straight into
 `<sweep>/study/` in the sweep's storage, wherever the study lives.
@@ -51,7 +52,7 @@ def storage_problems(spec: SweepSpec) -> list[str]:
     value = spec.study.storage
     if value == JOURNAL:
         return []
-    fix = "use `journal` or an RDB URL such as sqlite:///study.db or postgresql://user:pass@host:5432/db"
+    fix = "use `journal` or an RDB URL such as sqlite:///study.db or postgresql://user@host:5432/db"
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -61,6 +62,11 @@ def storage_problems(spec: SweepSpec) -> list[str]:
         return [f"study.storage: {value!r} is not a database URL; {fix}"]
     if url.get_backend_name() not in RDB_DRIVERS:
         return [f"study.storage: backend {url.get_backend_name()!r} is not one Optuna stores studies in; {fix}"]
+    if url.password:
+        # The spec is stored with the sweep (spec.json) and the searcher pickled with Tune's state.
+        return ["study.storage: the URL holds a password, which would be written into the sweep's storage "
+                "(spec.json, Tune's experiment state); remove it and give it in the driver's environment "
+                "(PGPASSWORD, or ~/.pgpass; MYSQL_PWD for mysql)"]
     driver = url.get_driver_name() if "+" in url.drivername else None
     wanted = (driver,) if driver else RDB_DRIVERS[url.get_backend_name()]
     if not any(importlib.util.find_spec(m) for m in wanted):

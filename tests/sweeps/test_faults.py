@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sweeps import run as run_cli
+from sweeps.search import load_study
 from sweeps.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,6 +106,12 @@ def test_a_trial_with_an_invalid_config_combination_fails_with_its_reason_and_th
     records = list((tmp_path / "demo" / "failures").glob("*.json"))
     assert len(records) == 1
     assert "cache_latents: random crops" in json.loads(records[0].read_text())["reason"]
+    # Ended at once: started once, never retried (each retry would cost a worker start and fail the same way).
+    failed_id = records[0].stem
+    assert proc.stdout.count(f"trial {failed_id} started") == 1 and "retrying" not in proc.stdout, proc.stdout
+    assert "not retried" in proc.stdout
+    states = sorted(t.state.name for t in load_study(tmp_path / "demo" / "study", "demo").trials)
+    assert states == ["COMPLETE", "FAIL"]
     assert "1 complete, 1 failed" in proc.stdout and "failed trials:" in proc.stdout, failed
     best = json.loads((tmp_path / "demo" / "best.json").read_text())
     assert best["params"]["center_crop"] is True
