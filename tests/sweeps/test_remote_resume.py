@@ -87,7 +87,7 @@ def _kept_history(before: dict, after: optuna.Study, trials: int) -> None:
 @pytest.mark.slow
 def test_a_sweep_whose_study_lives_in_postgresql_is_killed_and_resumed_with_its_history(tmp_path):
     with postgres_server() as url:
-        sets = _settings(f"storage={tmp_path}", f"study.storage={url}", trials=3)
+        sets = _settings(f"storage={tmp_path}", f"study.storage={url}", trials=2)
         spec = load_spec(DEMO, sets)
         _run_and_kill(_command(sets), spec, 1, tmp_path)
         before = _history(load_sweep_study(spec))
@@ -96,8 +96,8 @@ def test_a_sweep_whose_study_lives_in_postgresql_is_killed_and_resumed_with_its_
         resumed = subprocess.run([*_command(sets), "--resume"], capture_output=True, text=True, timeout=500, cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert f"resuming sweep demo from {tmp_path / 'demo' / 'tune'}" in resumed.stdout
-        _kept_history(before, optuna.load_study(study_name="demo", storage=rdb_url(url)), 3)
-        assert len(load_records(spec)) == 3 and all(r.row.state in ENDED for r in load_records(spec))
+        _kept_history(before, optuna.load_study(study_name="demo", storage=rdb_url(url)), 2)
+        assert len(load_records(spec)) == 2 and all(r.row.state in ENDED for r in load_records(spec))
         assert (tmp_path / "demo" / "best.json").is_file()
 
 
@@ -105,7 +105,7 @@ def test_a_sweep_whose_study_lives_in_postgresql_is_killed_and_resumed_with_its_
 def test_a_sweep_on_s3_is_resumed_on_a_new_head_from_storage_alone_and_its_winner_pulled(tmp_path, monkeypatch):
     node_cache = tmp_path / "node-cache"
     sets = _settings(f"storage=s3://{BUCKET}/sweeps", f"train.cache_dir={node_cache}", "tracking.wandb.enabled=true",
-                     trials=3)
+                     trials=2)
     sweep = f"s3://{BUCKET}/sweeps/demo"
     for head in ("head1", "head2", "reader"):
         (tmp_path / head).mkdir()
@@ -132,9 +132,9 @@ def test_a_sweep_on_s3_is_resumed_on_a_new_head_from_storage_alone_and_its_winne
         assert (node_cache / latents / "latents.safetensors").read_bytes() == \
             storage.read_bytes(f"{sweep}/shared/train_cache/{latents}/latents.safetensors")
 
-        _kept_history(before, load_sweep_study(spec), 3)
+        _kept_history(before, load_sweep_study(spec), 2)
         records = load_records(spec)
-        assert len(records) == 3 and all(r.row.state in ENDED for r in records)
+        assert len(records) == 2 and all(r.row.state in ENDED for r in records)
         pruned = {r.row.trial_id for r in records if r.row.state == "pruned"}
         if storage.exists(storage.join(study_uri(spec), PRUNED_FILE)):
             assert set(json.loads(storage.read_text(storage.join(study_uri(spec), PRUNED_FILE)))) == pruned
