@@ -116,3 +116,15 @@ def test_shared_folders_are_published_once_and_fetched_whole(tmp_path):
         storage.write_bytes(f"{uri}/shared/train_cache/latents-half/latents.safetensors", b"te")
         assert fetch((SharedFolder(TRAIN_CACHE, "latents-half"),), uri, str(other)) == []
         assert not (other / "latents-half").exists()
+
+
+def test_class_images_are_shared_at_their_own_path_and_caches_under_each_nodes_cache(tmp_path):
+    from sweeps.shared_folders import CLASS_IMAGES, plan_folders
+
+    fixed = {"with_prior_preservation": True, "class_data_dir": str(tmp_path / "class")}
+    caches, images = plan_folders((str(tmp_path / "driver-cache" / "latents-k"),), fixed)[:1], plan_folders((), fixed)
+    assert caches[0].local(str(tmp_path / "node-cache")) == tmp_path / "node-cache" / "latents-k"
+    (folder,) = images
+    assert folder.kind == CLASS_IMAGES and folder.local(str(tmp_path / "node-cache")) == tmp_path / "class"
+    assert folder.uri("s3://b/sweeps/demo") == "s3://b/sweeps/demo/shared/class_images/class"
+    assert plan_folders((), {"class_data_dir": str(tmp_path / "class")}) == ()  # no prior preservation: nothing
