@@ -83,8 +83,7 @@ def load_records(spec: SweepSpec, trials: list | None = None) -> list[TrialRecor
 
 def _study_numbers(spec: SweepSpec) -> dict[str, int]:
     """Tune trial id -> the Optuna trial number the searcher gave it (the order it proposed them)."""
-    from sweeps.search import RAY_TRIAL_ATTR
-    from sweeps.study_storage import load_sweep_study
+    from sweeps.study_storage import RAY_TRIAL_ATTR, load_sweep_study
 
     study = load_sweep_study(spec)
     if study is None:  # no study yet

@@ -36,9 +36,13 @@ from ray.tune.search.optuna import OptunaSearch
 from sweeps import storage
 from sweeps.results import FAILED_KEY
 from sweeps.spec_schema import ParamSpace, SweepSpec, search_order
-from sweeps.study_storage import JOURNAL_FILE, PRUNED_FILE, journal_storage, load_pruned  # noqa: F401 (their home before)
-
-RAY_TRIAL_ATTR = "ray_trial_id"  # user attr on each Optuna trial: which Tune trial ran it
+from sweeps.study_storage import (  # noqa: F401 (importable from here as before)
+    JOURNAL_FILE,
+    PRUNED_FILE,
+    RAY_TRIAL_ATTR,
+    journal_storage,
+    load_pruned,
+)
 
 
 def optuna_distribution(param: ParamSpace) -> optuna.distributions.BaseDistribution:

@@ -31,6 +31,7 @@ from sweeps.spec_schema import SweepSpec
 STUDY_DIR = "study"  # in the sweep's folder (storage) and in its local mirror (output_dir)
 JOURNAL_FILE = "optuna.journal"
 PRUNED_FILE = "pruned.json"
+RAY_TRIAL_ATTR = "ray_trial_id"  # user attr on each Optuna trial: which Tune trial ran it
 JOURNAL = "journal"
 # RDB backends Optuna (SQLAlchemy) serves, with the driver modules that SQLAlchemy can use for each.
 RDB_DRIVERS = {"sqlite": ("sqlite3",), "postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "MySQLdb")}
