@@ -36,13 +36,8 @@ from ray.tune.search.optuna import OptunaSearch
 from sweeps import storage
 from sweeps.results import FAILED_KEY
 from sweeps.spec_schema import ParamSpace, SweepSpec, search_order
-from sweeps.study_storage import (  # noqa: F401 (importable from here as before)
-    JOURNAL_FILE,
-    PRUNED_FILE,
-    RAY_TRIAL_ATTR,
-    journal_storage,
-    load_pruned,
-)
+from sweeps.study_storage import JOURNAL_FILE, PRUNED_FILE, RAY_TRIAL_ATTR, journal_storage, load_pruned  # noqa: F401
+from sweeps.study_storage import flush as flush_study
 
 
 def optuna_distribution(param: ParamSpace) -> optuna.distributions.BaseDistribution:
@@ -162,6 +157,11 @@ class SweepOptunaSearch(OptunaSearch):
         template = getattr(self, "_pruner_template", None)  # absent when an older lorasweep pickled it
         self._ot_study.pruner = copy.deepcopy(template) if template is not None else optuna.pruners.NopPruner()
 
+    def save(self, checkpoint_path: str) -> None:
+        # Tune saves this searcher with its experiment state: the stored study must be as new.
+        flush_study(self._storage)
+        super().save(checkpoint_path)
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         if self._ot_study is not None:
@@ -228,13 +228,13 @@ class SweepOptunaSearch(OptunaSearch):
         if result and result.get(FAILED_KEY) and trial_id not in self._completed_trials and trial_id in self._ot_trials:
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL)  # failed for good (sweeps.trainable)
             self._completed_trials.add(trial_id)
-            return
-        if trial_id in self.pruned and trial_id not in self._completed_trials and not error:
+        elif trial_id in self.pruned and trial_id not in self._completed_trials and not error:
             # Optuna records the last intermediate value as a pruned trial's value.
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
-            return
-        super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        flush_study(self._storage)  # a trial's end is worth keeping at once
 
 
 def unwrap_searcher(search_alg: Any) -> SweepOptunaSearch | None:

@@ -3,8 +3,11 @@
 `journal` (the default): an Optuna journal file, `<sweep>/study/optuna.journal`. With a local or
 NFS `storage:` it lies in the sweep's folder; with an object store (`s3://`) the driver keeps it
 in its local mirror (SweepSpec.output_dir) and writes it through to `<sweep>/study/` in the
-storage after every append, and a driver without the local file (a new head) starts from the
-stored one. Only the driver writes the study (the searcher runs there), so one writer appends.
+storage, and a driver without the local file (a new head) starts from the stored one. Only the
+driver writes the study (the searcher runs there), so one writer appends. An object cannot be
+appended to, so each write-through uploads the whole journal: at most every UPLOAD_INTERVAL_S,
+and always when a trial ends and before Tune saves the searcher with its experiment state
+(sweeps.search calls `flush`), so the stored journal always holds every trial that state knows.
 
 An Optuna RDB URL (`sqlite:///study.db`, `postgresql://user@host/db`): the study lives in that
 database, which outlives any head; Optuna's RDBStorage creates its tables on first use. The URL
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ RAY_TRIAL_ATTR = "ray_trial_id"  # user attr on each Optuna trial: which Tune tr
 JOURNAL = "journal"
 # RDB backends Optuna (SQLAlchemy) serves, with the driver modules that SQLAlchemy can use for each.
 RDB_DRIVERS = {"sqlite": ("sqlite3",), "postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "MySQLdb")}
+UPLOAD_INTERVAL_S = 10.0  # between write-throughs of a growing journal (each uploads all of it)
 CONNECT_TIMEOUT_S = 10  # a database that does not answer is an error before any training, not a hang
 
 
@@ -97,8 +102,9 @@ class MirroredJournalBackend(JournalFileBackend):
     """A journal file on this machine, written through to a copy in the sweep's storage after every
     append; opened (or unpickled on a new head) from that copy when it holds more than the local file."""
 
-    def __init__(self, file_path: str, mirror: str):
-        self._mirror = mirror
+    def __init__(self, file_path: str, mirror: str, interval_s: float = UPLOAD_INTERVAL_S):
+        self._mirror, self._interval_s = mirror, interval_s
+        self._uploaded_at, self._dirty = 0.0, False
         # The local mirror of a remote sweep is ./runs/<name> under the driver's working directory:
         # a new head restoring the pickled searcher keeps its journal under its own.
         path = Path(file_path).resolve()
@@ -108,11 +114,20 @@ class MirroredJournalBackend(JournalFileBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         super().append_logs(logs)
-        storage.copy_file(self._file_path, self._mirror)
+        self._dirty = True
+        if time.monotonic() - self._uploaded_at >= self._interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Upload the journal now if it changed since the last upload."""
+        if self._dirty:
+            storage.copy_file(self._file_path, self._mirror)
+            self._uploaded_at, self._dirty = time.monotonic(), False
 
     def __setstate__(self, state: dict) -> None:
         # The searcher is pickled with Tune's experiment state and restored on whatever head resumes.
         self.__dict__.update(state)
+        self._uploaded_at = 0.0  # a monotonic time of another process means nothing here
         if self.__dict__.get("_relative"):
             self._file_path = str(Path.cwd() / self._relative)
             self._lock = type(self._lock)(self._file_path)  # the symlink lock names the file it guards
@@ -120,6 +135,13 @@ class MirroredJournalBackend(JournalFileBackend):
         if not Path(self._file_path).exists():
             Path(self._file_path).parent.mkdir(parents=True, exist_ok=True)
             open(self._file_path, "ab").close()
+
+
+def flush(study_storage: BaseStorage | None) -> None:
+    """Write a journal through to the sweep's storage now (no-op for other storages)."""
+    backend = getattr(study_storage, "_backend", None)
+    if isinstance(backend, MirroredJournalBackend):
+        backend.flush()
 
 
 def _pull(local: Path, mirror: str) -> None:

@@ -116,7 +116,9 @@ def test_a_sweep_on_s3_is_resumed_on_a_new_head_from_storage_alone_and_its_winne
         assert f"published to {sweep}/shared: train_cache/latents-" in first, first[-3000:]
         before = _history(load_sweep_study(spec))
         stored_journal = storage.read_bytes(storage.join(study_uri(spec), JOURNAL_FILE))
-        assert stored_journal == (tmp_path / "head1" / "runs" / "demo" / "study" / JOURNAL_FILE).read_bytes()
+        # The stored journal may lag the head's copy by the appends after its last write-through
+        # (never a trial that ended or one Tune's saved state knows: those flush it).
+        assert (tmp_path / "head1" / "runs" / "demo" / "study" / JOURNAL_FILE).read_bytes().startswith(stored_journal)
         # The head is lost: its folder and the node's caches with it.
         shutil.rmtree(tmp_path / "head1")
         shutil.rmtree(node_cache)
