@@ -39,19 +39,16 @@ class Importance:
 
 
 def study_dir(spec: SweepSpec) -> Path:
-    return Path(spec.output_dir) / "study"
+    from sweeps import study_storage
+
+    return study_storage.study_dir(spec)
 
 
 def load_sweep_study(spec: SweepSpec) -> optuna.Study | None:
-    """The sweep's Optuna study when its journal is on this machine, else None."""
-    from sweeps.search import JOURNAL_FILE, load_study
+    """The sweep's Optuna study (wherever `study.storage` keeps it), or None when it has none yet."""
+    from sweeps import study_storage
 
-    if not (study_dir(spec) / JOURNAL_FILE).is_file():
-        return None
-    try:
-        return load_study(study_dir(spec), spec.name)
-    except KeyError:  # a journal without this sweep's study (nothing suggested yet)
-        return None
+    return study_storage.load_sweep_study(spec)
 
 
 def objective_target(spec: SweepSpec, index: int):

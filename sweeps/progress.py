@@ -6,7 +6,7 @@ import time
 
 from ray.tune import Callback
 
-from sweeps.results import SHOWN_METRICS
+from sweeps.results import FAILED_KEY, SHOWN_METRICS
 from toyworld.oracle import ORACLE_METRICS
 
 _EXACT = tuple(m for m in SHOWN_METRICS if m in ORACLE_METRICS)  # shown when the sweep has the oracle
@@ -25,6 +25,10 @@ class ProgressPrinter(Callback):
         print(f"{self._stamp()} trial {trial.trial_id} started: {params}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(FAILED_KEY):
+            print(f"{self._stamp()} trial {trial.trial_id} FAILED: {result[FAILED_KEY]} (not retried: it would fail again)",
+                  flush=True)
+            return
         exact = "".join(f" {m}={_fmt(result[m])}" for m in _EXACT if m != self.metric and m in result)
         print(
             f"{self._stamp()} trial {trial.trial_id} step {result.get('step')}: "
@@ -33,6 +37,8 @@ class ProgressPrinter(Callback):
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if (trial.last_result or {}).get(FAILED_KEY):
+            return  # its FAILED line is printed
         print(f"{self._stamp()} trial {trial.trial_id} finished", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):

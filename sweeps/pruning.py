@@ -31,6 +31,7 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from sweeps.pruner_options import OPTUNA_PRUNERS, pruner_options
+from sweeps.results import FAILED_KEY
 from sweeps.search import SweepOptunaSearch, unwrap_searcher
 from sweeps.spec_schema import SweepSpec
 
@@ -128,9 +129,17 @@ class AshaPruningScheduler(_SearcherLink, ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         searcher = self.searcher(tune_controller)
+        if result.get(FAILED_KEY):  # no score: it must not enter a rung
+            return TrialScheduler.CONTINUE
         searcher.report_intermediate(trial.trial_id, result)  # the study keeps the whole curve
         decision = super().on_trial_result(tune_controller, trial, result)
         step = result.get(self._time_attr)
         if decision == TrialScheduler.STOP and step is not None and step < self._max_t:
             searcher.mark_pruned(trial.trial_id, int(step))
         return decision
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if result and result.get(FAILED_KEY):  # failed for good: no score for its bracket
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)

@@ -80,10 +80,9 @@ def _page(data, grids: list[dict]) -> str:
     from sweeps import report_plots as plots
     from sweeps.bill import format_bill, sweep_bill
     from sweeps.dry_run import comparison_line
-    from sweeps.importance import study_dir
     from sweeps.report_page import data_uri, render_page
     from sweeps.results import sweep_uri
-    from sweeps.search import JOURNAL_FILE
+    from sweeps.study_storage import dashboard_target
 
     spec = data.spec
     header, rows = _table(data)
@@ -107,7 +106,7 @@ def _page(data, grids: list[dict]) -> str:
         "comparison": _inline(_png_bytes(data.comparison)) if data.comparison is not None else None,
         "grids": grids,
         "notes": data.notes,
-        "journal": str(study_dir(spec) / JOURNAL_FILE),
+        "journal": dashboard_target(spec),
     })
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from evaluator.metrics import OBJECTIVE_COMPONENTS
 from sweeps import storage
 from sweeps.eval_images import THUMB, eval_steps, eval_uri, read_eval_images, thumbnails
-from sweeps.importance import Importance, load_sweep_study, param_importances, study_dir
+from sweeps.importance import Importance, load_sweep_study, param_importances
 from sweeps.results import (
     BASE_SAMPLES,
     SAMPLES_FILE,
@@ -109,9 +109,9 @@ def collect(spec: SweepSpec, records: list[TrialRecord] | None = None, xyz: XyzC
 
 
 def trial_data(records: list[TrialRecord], spec: SweepSpec) -> list[TrialData]:
-    from sweeps.search import load_pruned
+    from sweeps.study_storage import load_pruned, study_uri
 
-    pruned = load_pruned(study_dir(spec))
+    pruned = load_pruned(study_uri(spec))
     return [_trial_data(r, spec, pruned) for r in records]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
@@ -21,6 +20,7 @@ from sweeps.spec_schema import SweepSpec
 
 EXPERIMENT = "tune"  # Ray's experiment folder inside the sweep folder
 FAILURES = "failures"  # <sweep>/failures/<trial id>.json: why a trial failed for good (see trainable)
+FAILED_KEY = "failed"  # in a trial's last result: why it failed for good (Tune ended it without retries)
 # What every trial checkpoint holds (written by sweeps.trainable, copied by sweeps.export).
 LORA_DIFFUSERS = "lora_diffusers.safetensors"
 LORA_KOHYA = "lora_kohya.safetensors"
@@ -85,14 +85,10 @@ def load_records(spec: SweepSpec, trials: list | None = None) -> list[TrialRecor
 
 def _study_numbers(spec: SweepSpec) -> dict[str, int]:
     """Tune trial id -> the Optuna trial number the searcher gave it (the order it proposed them)."""
-    from sweeps.search import JOURNAL_FILE, RAY_TRIAL_ATTR, load_study
+    from sweeps.study_storage import RAY_TRIAL_ATTR, load_sweep_study
 
-    study_dir = Path(spec.output_dir) / "study"
-    if not (study_dir / JOURNAL_FILE).is_file():  # no study yet, or not on this machine
-        return {}
-    try:
-        study = load_study(study_dir, spec.name)
-    except KeyError:
+    study = load_sweep_study(spec)
+    if study is None:  # no study yet
         return {}
     return {t.user_attrs[RAY_TRIAL_ATTR]: t.number for t in study.trials if RAY_TRIAL_ATTR in t.user_attrs}
 
@@ -102,7 +98,9 @@ def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures
     scored = scored_checkpoints(result, spec)
     state = STATES.get(trial.status, trial.status.lower())
     reason = None
-    if state == "failed":
+    if last.get(FAILED_KEY):  # failed for good: Tune ended it normally, without retries
+        state, reason = "failed", str(last[FAILED_KEY])
+    elif state == "failed":
         reason = _failure_reason(failures, trial.trial_id, result)
     elif state == "complete" and (trial.trial_id in pruned or _stopped_early(trial.config, last, spec)):
         state = "pruned"
@@ -138,9 +136,9 @@ def parse_columns(text: str) -> list[str]:
 
 def _pruned_trials(spec: SweepSpec, experiment: str) -> set[str]:
     """Trial ids that the pruning scheduler stopped, from its record when sweeps.pruning keeps one."""
-    from sweeps.search import load_pruned
+    from sweeps.study_storage import load_pruned, study_uri
 
-    return set(load_pruned(Path(spec.output_dir) / "study"))
+    return set(load_pruned(study_uri(spec)))
 
 
 def _stopped_early(params: dict, last: dict, spec: SweepSpec) -> bool:

@@ -99,18 +99,24 @@ def _stored_or_given(spec, source: str):
 
 def sweep(spec, args, columns: list[str] | None = None) -> int:
     from sweeps.results import sweep_uri
+    from sweeps.shared_folders import prefetch, share_plan
     from sweeps.storage import check_writable
     from sweeps.stored_spec import check_against_stored, store
+    from sweeps.study_storage import open_storage
     from sweeps.trial_plan import build_plan
     from sweeps.tuner import can_resume, run_sweep
 
     check_writable(sweep_uri(spec))  # before models are built or Ray is started
+    open_storage(spec)  # and the study's database answers
     if args.resume and not can_resume(spec):
         raise FileNotFoundError(f"--resume: no sweep {spec.name} in {spec.storage_uri}; run without --resume to start it")
     notes = [] if args.resume else check_against_stored(spec, args.space)
     for note in notes:
         print(f"continuing sweep {spec.name} with a changed setting that is safe to change: {note}", flush=True)
-    plan = build_plan(spec, args.space, local=not args.address, address=args.address)
+    fetched = prefetch(spec)  # a new head: the caches and class images the sweep's storage holds
+    if fetched:
+        print(f"sweep {spec.name}: fetched from {sweep_uri(spec)}: {', '.join(fetched)}", flush=True)
+    plan = share_plan(spec, build_plan(spec, args.space, local=not args.address, address=args.address))
     store(spec)
     print(f"sweep {spec.name}: {spec.search.num_trials} trials, {spec.search.max_concurrent} at a time, "
           f"output {spec.output_dir}", flush=True)

@@ -1,9 +1,10 @@
 """The sweep's Optuna search on Ray Tune: sampler, conditional space, study storage, PRUNED bookkeeping.
 
 `make_search_alg(spec, study_dir)` returns `ConcurrencyLimiter(SweepOptunaSearch(...))`. The
-Optuna study lives in `<study_dir>/optuna.journal` (a journal file: append-only, safe on NFS),
-named after the sweep and loaded if it exists, so a resumed sweep keeps its history and
-`optuna-dashboard <study_dir>/optuna.journal` watches it live.
+Optuna study lives in `<study_dir>/optuna.journal` (a journal file: append-only, safe on NFS) or
+in the storage given (sweeps.study_storage.open_storage: `study.storage`, written through to an
+object store, or a database), named after the sweep and loaded if it exists, so a resumed sweep
+keeps its history and `optuna-dashboard <study_dir>/optuna.journal` watches it live.
 
 Ray's OptunaSearch (ray 2.60) creates its study with a NopPruner, reports intermediate values at
 `training_iteration` and tells every trial that a scheduler stopped COMPLETE with its partial
@@ -26,19 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from common.files import atomic_write_text
+from sweeps import storage
+from sweeps.results import FAILED_KEY
 from sweeps.spec_schema import ParamSpace, SweepSpec, search_order
-
-JOURNAL_FILE = "optuna.journal"
-PRUNED_FILE = "pruned.json"
-RAY_TRIAL_ATTR = "ray_trial_id"  # user attr on each Optuna trial: which Tune trial ran it
+from sweeps.study_storage import JOURNAL_FILE, PRUNED_FILE, RAY_TRIAL_ATTR, journal_storage, load_pruned  # noqa: F401
+from sweeps.study_storage import flush as flush_study
 
 
 def optuna_distribution(param: ParamSpace) -> optuna.distributions.BaseDistribution:
@@ -115,21 +114,9 @@ def nsga2_population(spec: SweepSpec) -> int:
     return max(2, min(50, spec.search.num_trials // 4))
 
 
-def journal_storage(study_dir: Path) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(str(Path(study_dir) / JOURNAL_FILE)))
-
-
 def load_study(study_dir: Path, name: str) -> optuna.Study:
-    """The sweep's Optuna study, e.g. for a results table or optuna.importance."""
+    """A study from the journal in `study_dir` (sweeps.study_storage.load_sweep_study: wherever `study.storage` says)."""
     return optuna.load_study(study_name=name, storage=journal_storage(study_dir))
-
-
-def load_pruned(study_dir: Path) -> dict[str, int]:
-    """Tune trial id -> the step at which the trial was pruned; {} when none were."""
-    path = Path(study_dir) / PRUNED_FILE
-    if not path.is_file():
-        return {}
-    return {k: v["step"] for k, v in json.loads(path.read_text()).items()}
 
 
 # Items per evaluation that paired reporting allows (an eval suite is prompts x seeds, far fewer).
@@ -148,9 +135,9 @@ class SweepOptunaSearch(OptunaSearch):
     intermediate values at `step`, initial configs enqueued once per study, and trials a
     scheduler pruned told PRUNED."""
 
-    def __init__(self, *, study_dir: Path, initial_configs: list[dict] | None = None,
+    def __init__(self, *, study_dir: str | Path, initial_configs: list[dict] | None = None,
                  pruner: optuna.pruners.BasePruner | None = None, **kwargs):
-        self.study_dir = Path(study_dir)
+        self.study_dir = study_dir  # where pruned.json goes: a local folder or one in the sweep's storage
         self.pruned: dict[str, dict] = {}  # Tune trial id -> {"number": Optuna trial number, "step": step}
         self._last_step: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
         self._initial_configs = list(initial_configs or [])
@@ -169,6 +156,11 @@ class SweepOptunaSearch(OptunaSearch):
         # built state (Hyperband's brackets) is rebuilt from the study, not carried in a pickle.
         template = getattr(self, "_pruner_template", None)  # absent when an older lorasweep pickled it
         self._ot_study.pruner = copy.deepcopy(template) if template is not None else optuna.pruners.NopPruner()
+
+    def save(self, checkpoint_path: str) -> None:
+        # Tune saves this searcher with its experiment state: the stored study must be as new.
+        flush_study(self._storage)
+        super().save(checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -202,6 +194,8 @@ class SweepOptunaSearch(OptunaSearch):
         """
         if self.is_multi_objective or trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return None
+        if result.get(FAILED_KEY):  # a failed trial's last result holds no score
+            return None
         value = result.get(self.metric)
         if value is None:
             return None
@@ -225,18 +219,22 @@ class SweepOptunaSearch(OptunaSearch):
     def mark_pruned(self, trial_id: str, step: int) -> None:
         """Called by the scheduler that stops the trial: it is told PRUNED when Tune completes it."""
         self.pruned[trial_id] = {"number": self._ot_trials[trial_id].number, "step": int(step)}
-        atomic_write_text(self.study_dir / PRUNED_FILE, json.dumps(self.pruned, indent=2, sort_keys=True), fsync=False)
+        storage.write_text(storage.join(self.study_dir, PRUNED_FILE), json.dumps(self.pruned, indent=2, sort_keys=True))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.report_intermediate(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.pruned and trial_id not in self._completed_trials and not error:
+        if result and result.get(FAILED_KEY) and trial_id not in self._completed_trials and trial_id in self._ot_trials:
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL)  # failed for good (sweeps.trainable)
+            self._completed_trials.add(trial_id)
+        elif trial_id in self.pruned and trial_id not in self._completed_trials and not error:
             # Optuna records the last intermediate value as a pruned trial's value.
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
-            return
-        super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        flush_study(self._storage)  # a trial's end is worth keeping at once
 
 
 def unwrap_searcher(search_alg: Any) -> SweepOptunaSearch | None:
@@ -247,12 +245,11 @@ def unwrap_searcher(search_alg: Any) -> SweepOptunaSearch | None:
     return node
 
 
-def make_search_alg(spec: SweepSpec, study_dir: Path,
-                    pruner: optuna.pruners.BasePruner | None = None) -> ConcurrencyLimiter:
-    """The sweep's searcher: Optuna over the spec's space, its study in `<study_dir>/optuna.journal`,
-    holding `pruner` (the spec's is sweeps.pruning.make_pruner(spec); None: no pruning)."""
-    study_dir = Path(study_dir)
-    study_dir.mkdir(parents=True, exist_ok=True)
+def make_search_alg(spec: SweepSpec, study_dir: str | Path, pruner: optuna.pruners.BasePruner | None = None,
+                    study_storage: BaseStorage | None = None) -> ConcurrencyLimiter:
+    """The sweep's searcher: Optuna over the spec's space, its study in `study_storage` (default:
+    the journal `<study_dir>/optuna.journal`) and pruned.json in `study_dir` (a local folder or a
+    URI), holding `pruner` (the spec's is sweeps.pruning.make_pruner(spec); None: no pruning)."""
     multi = len(spec.objectives) > 1
     searcher = SweepOptunaSearch(
         study_dir=study_dir,
@@ -262,7 +259,7 @@ def make_search_alg(spec: SweepSpec, study_dir: Path,
         mode=[o.mode for o in spec.objectives] if multi else spec.primary.mode,
         sampler=make_sampler(spec),
         study_name=spec.name,
-        storage=journal_storage(study_dir),
+        storage=study_storage if study_storage is not None else journal_storage(study_dir),
         pruner=pruner,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)

@@ -23,6 +23,7 @@ from sweeps.spec_schema import (
     PrunerSpec,
     ResourcesSpec,
     SearchSpec,
+    StudySpec,
     SweepSpec,
     search_order,
 )
@@ -355,6 +356,11 @@ def cross_problems(spec: SweepSpec) -> list[str]:
         # A replica asking for a GPU share would only go to GPU nodes, which CPU trials need not have.
         out.append("evaluator.placement.device: gpu, but resources.gpus_per_trial is 0 (the trials hold no GPU); "
                    "use device: cpu or auto, or give the trials GPUs")
+    study = _section(spec, "study", StudySpec)
+    if study:
+        from sweeps.study_storage import storage_problems
+
+        out += storage_problems(spec.model_copy(update={"study": study}))
     return out + _caption_problems(spec)
 
 

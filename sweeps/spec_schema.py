@@ -190,6 +190,13 @@ class ExportSpec(_Strict):
     formats: list[Literal["kohya", "diffusers"]] = Field(["kohya", "diffusers"], min_length=1)
 
 
+class StudySpec(_Strict):
+    storage: str = Field(
+        "journal", description="Where the Optuna study lives: `journal` (a journal file in the sweep's storage, written "
+        "through when that is an object store) or an Optuna RDB URL without a password (sqlite:///study.db, "
+        "postgresql://user@host/db; PGPASSWORD or ~/.pgpass).")
+
+
 class FailureSpec(_Strict):
     max_failures: int = Field(2, ge=0, description="Retries of a trial whose worker died (resumes from its checkpoint).")
 
@@ -217,6 +224,7 @@ class SweepSpec(_Strict):
     evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
     objective: ObjectiveSpec | list[ObjectiveSpec] = Field(default_factory=ObjectiveSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    study: StudySpec = Field(default_factory=StudySpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)

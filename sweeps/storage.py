@@ -59,6 +59,13 @@ def is_dir(location: str | os.PathLike) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+def size(location: str | os.PathLike) -> int:
+    """Bytes of a file; -1 when it does not exist."""
+    fs, path = _fs(location)
+    info = fs.get_file_info(path)
+    return -1 if info.type == pafs.FileType.NotFound else int(info.size)
+
+
 def listdir(location: str | os.PathLike) -> list[str]:
     """Names (not paths) directly under a folder; [] when it does not exist."""
     fs, path = _fs(location)
@@ -144,3 +151,34 @@ def check_writable(location: str | os.PathLike) -> None:
         raise StorageError(f"storage {location} is not writable: {err}") from None
     fs, path = _fs(probe)
     fs.delete_file(path)
+
+
+def list_files(location: str | os.PathLike) -> list[str]:
+    """Paths (relative, with /) of every file under a folder, sorted; [] when it does not exist."""
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    root = path.rstrip("/") + "/"
+    return sorted(i.path[len(root):] for i in infos if i.type == pafs.FileType.File)
+
+
+def upload_folder(local: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """Copy every file under a local folder to `dst` (any location), each atomically; returns how many."""
+    local = Path(local)
+    names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    for name in names:
+        copy_file(local / name, join(dst, name))
+    return len(names)
+
+
+def download_folder(src: str | os.PathLike, local: str | os.PathLike, skip: tuple[str, ...] = ()) -> int:
+    """Copy every file under `src` (any location) into the local folder `local`, but the names in
+    `skip`; the folder appears whole or not at all. Returns how many files."""
+    from common.files import atomic_folder
+
+    names = [n for n in list_files(src) if n not in skip]
+    with atomic_folder(Path(local)) as tmp:
+        for name in names:
+            copy_file(join(src, name), tmp / name)
+    return len(names)

@@ -4,7 +4,9 @@ Everything is logged from inside the trial through Ray's `setup_wandb`: images s
 `WandbLoggerCallback` hung `Tuner.fit()` at the end (ray 2.60 + wandb 0.31). Offline unless the spec
 asks for online AND `WANDB_API_KEY` is set; the key stays in the environment only, never in
 the settings handed to trials, the spec, or any file this project writes. Offline runs go to
-`<sweep dir>/wandb/wandb/offline-run-*`, inside the sweep's folder, not Ray's session folder.
+`<sweep dir>/wandb/wandb/offline-run-*`, inside the sweep's folder, not Ray's session folder. With
+remote storage (`s3://`) each finished offline run is also copied to `<sweep>/wandb/offline-run-*/`
+in the storage: a trial's run is written on the node that ran it, whose disk does not outlive it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from sweeps.spec_schema import SweepSpec
 
 _QUIET = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+WANDB_RUNS = "wandb"  # <sweep>/wandb/offline-run-*/ in remote storage
 
 
 def wandb_mode(spec: SweepSpec) -> str:
@@ -37,8 +40,26 @@ def trial_settings(spec: SweepSpec) -> dict | None:
     cfg = spec.tracking.wandb
     if not cfg.enabled:
         return None
-    return {"project": cfg.project, "entity": cfg.entity, "group": spec.name, "mode": wandb_mode(spec),
-            "dir": str(wandb_dir(spec))}
+    from sweeps import storage
+    from sweeps.results import sweep_uri
+
+    mode = wandb_mode(spec)
+    keep = storage.join(sweep_uri(spec), WANDB_RUNS) if spec.is_remote and mode == "offline" else None
+    return {"project": cfg.project, "entity": cfg.entity, "group": spec.name, "mode": mode,
+            "dir": str(wandb_dir(spec)), "store": keep}
+
+
+def store_run(run, settings: dict) -> str | None:
+    """After `run.finish()`: copy its offline-run folder into the sweep's storage when the settings
+    say so; returns where it went."""
+    if not settings.get("store"):
+        return None
+    from sweeps import storage
+
+    folder = Path(run.dir).parent  # <dir>/wandb/offline-run-<time>-<id>/files -> the run's folder
+    target = storage.join(settings["store"], folder.name)
+    storage.upload_folder(folder, target)
+    return target
 
 
 def _environment(settings: dict) -> None:
@@ -55,6 +76,7 @@ class TrialTracker:
         from ray.air.integrations.wandb import setup_wandb
 
         _environment(settings)
+        self.settings = settings
         self.run = setup_wandb(
             config=dict(params), project=settings["project"], entity=settings["entity"],
             group=settings["group"], dir=settings["dir"], mode=settings["mode"], job_type="trial",
@@ -73,6 +95,7 @@ class TrialTracker:
 
     def finish(self) -> None:
         self.run.finish()
+        store_run(self.run, self.settings)
 
 
 @contextlib.contextmanager
@@ -92,6 +115,7 @@ def summary_run(spec: SweepSpec):
         yield run
     finally:
         run.finish()
+        store_run(run, settings)
 
 
 def log_winner(spec: SweepSpec, files: dict[str, Path], metadata: dict, run=None) -> str | None:
@@ -157,6 +181,15 @@ def _cell(value):
 
 def sync_command(spec: SweepSpec) -> str | None:
     """The command that uploads this sweep's offline runs, or None when there are none."""
+    if spec.is_remote:
+        from sweeps import storage
+        from sweeps.results import sweep_uri
+
+        stored = storage.join(sweep_uri(spec), WANDB_RUNS)
+        if not any(n.startswith("offline-run-") for n in storage.listdir(stored)):
+            return None
+        copy = "aws s3 cp --recursive" if stored.startswith("s3://") else "gcloud storage cp -r"
+        return f"{copy} {stored} ./wandb-{spec.name} && wandb sync ./wandb-{spec.name}/offline-run-*"
     runs = sorted(glob.glob(str(wandb_dir(spec) / "wandb" / "offline-run-*")))
     if not runs:
         return None

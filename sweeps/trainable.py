@@ -5,8 +5,10 @@ once by the driver: the trial reads no spec or suite file and re-checks nothing.
 
 Every report carries a checkpoint with the trainer's exact state, so a trial whose worker died
 continues from its last evaluation on another worker (Tune's FailureConfig retries it).
-A training failure that would repeat on retry (NaN loss, an invalid config combination) is
-recorded once in the sweep's storage; retries of that trial then fail at once with the reason.
+A training failure that would repeat on retry (NaN loss, an invalid config combination) is not an
+error for Tune: it is recorded in the sweep's storage, reported once as a result holding
+`FAILED_KEY` (the reason) and the trial returns, so Tune ends it at once instead of starting a
+worker for each of `max_failures` retries that would fail the same way.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from evaluator.remote import score_remote
 from sweeps import storage
 from sweeps.eval_images import save_eval_images
 from sweeps.evaluator_placement import connect_replica, served_locally
-from sweeps.results import BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
+from sweeps.results import BASE_SAMPLES, FAILED_KEY, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.sample_grids import save_grid
+from sweeps.shared_folders import fetch
 from sweeps.suite_scoring import make_suite_scorer
 from sweeps.trial_plan import TrialPlan
 from toyworld.lora_task import heldout_scores
@@ -43,18 +46,40 @@ class TrialFailed(RuntimeError):
 
 
 def train_trial(params: dict, plan: TrialPlan) -> None:
-    """Train one LoRA; every `plan.eval_interval` steps sample, score and report with a checkpoint."""
+    """Train one LoRA; every `plan.eval_interval` steps sample, score and report with a checkpoint.
+    A deterministic failure ends the trial with one failure result (see the module's docstring)."""
     _quiet_libraries()
     torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id() or "local"
     failure_record = storage.join(plan.sweep_uri, FAILURES, f"{trial_id}.json")
-    if storage.exists(failure_record):
-        raise TrialFailed(json.loads(storage.read_text(failure_record))["reason"])
+    if storage.exists(failure_record):  # failed for good before, e.g. by a driver since killed
+        _report_failure(plan, json.loads(storage.read_text(failure_record))["reason"])
+        return
+    state = {"step": None}
+    try:
+        _train(params, plan, trial_id, failure_record, state)
+    except TrialFailed as err:
+        _report_failure(plan, str(err), state["step"])
+
+
+def _report_failure(plan: TrialPlan, reason: str, step: int | None = None) -> None:
+    """One last result: the reason under FAILED_KEY, the objectives as NaN (Tune checks that every
+    result names them; NaN is never scored) and no checkpoint. The searcher tells Optuna FAIL."""
+    metrics = {FAILED_KEY: reason, **{m: float("nan") for m in plan.objective_metrics}}
+    if step is not None:
+        metrics["step"] = step
+    tune.report(metrics)
+
+
+def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, state: dict) -> None:
+    if plan.shared:  # remote storage: the driver's caches and class images, where this node lacks them
+        fetch(plan.shared, plan.sweep_uri, plan.fixed.get("cache_dir"))
     try:
         trainer = LoraTrainer.build(plan.train_config(params), prepared=plan.prepared)
     except TrainConfigError as err:
         _fail(failure_record, f"invalid config: {err}", params)
     resumed_from = _restore(trainer)
+    state["step"] = trainer.global_step
     scorer = make_suite_scorer(plan, trainer) or make_scorer(plan)
     prompts, seeds = plan.prompts, plan.seeds
     if trainer.global_step == 0:
@@ -72,6 +97,7 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
                 scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
                           **heldout_scores(trainer.sample, plan.trigger_word)}
             metrics = _metrics(trainer, history, scores, resumed_from)
+            state["step"] = trainer.global_step
             save_eval_images(plan.sweep_uri, trial_id, trainer.global_step, images)  # the report's steps grid
             if tracker:
                 tracker.log_evaluation(metrics, images, prompts, seeds)

@@ -54,6 +54,8 @@ class TrialPlan:
     evaluator_dino: str | None = None  # the optional judges' absolute paths (`evaluator.dino`, `.aesthetic`)
     evaluator_aesthetic: str | None = None
     evaluator_local_wait_s: float = 60.0  # `evaluator.placement.local_wait_s`
+    shared: tuple = ()  # sweeps.shared_folders.SharedFolder: what a trial fetches from remote storage
+    objective_metrics: tuple[str, ...] = ()  # the spec's objectives (a failed trial's result names them)
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
@@ -131,7 +133,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True, addr
         suite_items=items, trigger_word=spec.trigger_word, eval_interval=spec.eval.interval, oracle=spec.eval.oracle,
         evaluator_model=spec.evaluator.model, evaluator_pretrained=spec.evaluator.pretrained,
         cpus_per_trial=spec.resources.cpus_per_trial,
-        objective_weights=spec.objective_weights(),
+        objective_weights=spec.objective_weights(), objective_metrics=tuple(o.metric for o in spec.objectives),
         evaluator_local_wait_s=spec.evaluator.placement.local_wait_s,
         evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
     )

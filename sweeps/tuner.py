@@ -18,8 +18,9 @@ from sweeps.pruning import make_pruner, make_scheduler
 from sweeps.ray_session import ensure_ray
 from sweeps.report import ReportWriter
 from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
-from sweeps.search import RAY_TRIAL_ATTR, load_study, make_search_alg
+from sweeps.search import RAY_TRIAL_ATTR, make_search_alg
 from sweeps.spec_schema import SweepSpec
+from sweeps.study_storage import load_sweep_study, open_storage, study_uri
 from sweeps.tracking import trial_settings
 from sweeps.trainable import train_trial
 from sweeps.trial_plan import TrialPlan
@@ -47,7 +48,7 @@ def build_tuner(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable | N
     return tune.Tuner(
         make_trainable(spec, plan, trainable),
         tune_config=tune.TuneConfig(
-            search_alg=make_search_alg(spec, Path(spec.output_dir) / "study", pruner=make_pruner(spec)),
+            search_alg=make_search_alg(spec, study_uri(spec), pruner=make_pruner(spec), study_storage=open_storage(spec)),
             scheduler=make_scheduler(spec),
             num_samples=spec.search.num_trials,
             metric=metric,
@@ -104,9 +105,8 @@ def _close_orphaned_study_trials(spec: SweepSpec) -> list[int]:
     from optuna.trial import TrialState
     from ray.tune import ExperimentAnalysis
 
-    try:
-        study = load_study(Path(spec.output_dir) / "study", spec.name)
-    except KeyError:  # no study yet (killed before the first suggestion)
+    study = load_sweep_study(spec)
+    if study is None:  # no study yet (killed before the first suggestion)
         return []
     known = {t.trial_id for t in ExperimentAnalysis(experiment_path(spec)).trials}
     closed = []
@@ -127,6 +127,7 @@ def run_sweep(spec: SweepSpec, plan: TrialPlan | None, address: str | None = Non
     `report`: see build_tuner (a resumed sweep keeps the callbacks it was started with)."""
     storage.check_writable(sweep_uri(spec))
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    open_storage(spec)  # a study database that cannot be reached fails here, before Ray starts
     restorable = can_resume(spec)
     if resume and not restorable:
         raise FileNotFoundError(f"--resume: no sweep to resume at {experiment_path(spec)}; run without --resume to start it")

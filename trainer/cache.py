@@ -34,7 +34,12 @@ TEXT_FILE = "text_embeddings.safetensors"
 
 
 def default_cache_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "train_cache"
+    return cache_dir_for(cfg.cache_dir)
+
+
+def cache_dir_for(cache_dir: str | None) -> Path:
+    """The caches' folder for a `cache_dir` value (None: <LORASWEEP_CACHE>/train_cache on this machine)."""
+    return Path(cache_dir).expanduser() if cache_dir else cache_root() / "train_cache"
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:

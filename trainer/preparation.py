@@ -32,6 +32,7 @@ class Prepared:
     vae_fingerprint: str  # what module_fingerprint(vae) returns: latent cache keys are computed from it
     text_encoder_fingerprint: str  # ditto for text caches
     dataset_summary: dict  # {"dirs": ..., "tag_frequency": ...} for kohya metadata
+    cache_folders: tuple[str, ...] = ()  # the latent/text cache folders built or found (absolute paths)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -97,11 +98,13 @@ def prepare(cfg: TrainConfig, clip_skips: list[int] | None = None, components: S
         data = load_train_data(cfg)
     vae_fingerprint = module_fingerprint(models.vae)
     text_encoder_fingerprint = module_fingerprint(models.text_encoder)
+    caches = []
     if cfg.cache_latents:
-        ensure_latent_cache(cfg, models.vae, data, vae_fingerprint)
+        caches.append(ensure_latent_cache(cfg, models.vae, data, vae_fingerprint))
     if uses_text_cache(cfg):
         for skip in sorted({cfg.clip_skip, *(clip_skips or [])}):
-            ensure_text_cache(cfg, models.tokenizer, models.text_encoder, data.captions(), skip, text_encoder_fingerprint)
+            caches.append(ensure_text_cache(cfg, models.tokenizer, models.text_encoder, data.captions(), skip,
+                                            text_encoder_fingerprint))
     return Prepared(
         base_model=base_model,
         base_model_sha256=sha256_file(weights) if weights else None,
@@ -109,4 +112,5 @@ def prepare(cfg: TrainConfig, clip_skips: list[int] | None = None, components: S
         vae_fingerprint=vae_fingerprint,
         text_encoder_fingerprint=text_encoder_fingerprint,
         dataset_summary=dataset_summary(data),
+        cache_folders=tuple(str(c.folder) for c in caches),
     )

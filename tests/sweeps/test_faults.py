@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sweeps import run as run_cli
+from sweeps.search import load_study
 from sweeps.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +84,36 @@ def test_trainer_state_roundtrip_is_exact_and_pickle_free(tiny_sd_dir, demo_data
         torch.testing.assert_close(resumed.lora_state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_a_failed_result_is_a_failed_trial_for_the_study_and_the_pruner_not_a_score(tmp_path):
+    """What sweeps.trainable reports when training cannot succeed: Optuna gets FAIL (not COMPLETE
+    with a partial score, not PRUNED), the scheduler gets no value for its rungs or its median."""
+    from optuna.trial import TrialState
+    from ray.tune.schedulers import TrialScheduler
+
+    from sweeps.pruning import make_pruner, make_scheduler
+    from sweeps.results import FAILED_KEY
+    from sweeps.search import make_search_alg, unwrap_searcher
+
+    spec = load_spec(DEMO, [f"storage={tmp_path}"])
+    searcher = unwrap_searcher(make_search_alg(spec, tmp_path, pruner=make_pruner(spec)))
+    scheduler = make_scheduler(spec)
+
+    class Controller:  # what the scheduler reads of Tune's controller
+        search_alg = searcher
+
+    class Trial:
+        trial_id = "t0"
+
+    searcher.suggest("t0")
+    searcher.on_trial_result("t0", {"objective": 0.5, "step": 100, "max_train_steps": 400})
+    failed = {FAILED_KEY: "training diverged: loss became nan at step 150", "objective": float("nan"), "step": 150}
+    assert scheduler.on_trial_result(Controller(), Trial(), failed) == TrialScheduler.CONTINUE
+    searcher.on_trial_result("t0", failed)
+    searcher.on_trial_complete("t0", failed)
+    (trial,) = load_study(tmp_path, "demo").trials
+    assert trial.state == TrialState.FAIL and trial.intermediate_values == {100: 0.5}
+
+
 def _run(tmp_path, *sets, timeout=480):
     cmd = [sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(DEMO), "--set", f"storage={tmp_path}",
            *[arg for s in sets for arg in ("--set", s)]]
@@ -105,6 +136,12 @@ def test_a_trial_with_an_invalid_config_combination_fails_with_its_reason_and_th
     records = list((tmp_path / "demo" / "failures").glob("*.json"))
     assert len(records) == 1
     assert "cache_latents: random crops" in json.loads(records[0].read_text())["reason"]
+    # Ended at once: started once, never retried (each retry would cost a worker start and fail the same way).
+    failed_id = records[0].stem
+    assert proc.stdout.count(f"trial {failed_id} started") == 1 and "retrying" not in proc.stdout, proc.stdout
+    assert "not retried" in proc.stdout
+    states = sorted(t.state.name for t in load_study(tmp_path / "demo" / "study", "demo").trials)
+    assert states == ["COMPLETE", "FAIL"]
     assert "1 complete, 1 failed" in proc.stdout and "failed trials:" in proc.stdout, failed
     best = json.loads((tmp_path / "demo" / "best.json").read_text())
     assert best["params"]["center_crop"] is True

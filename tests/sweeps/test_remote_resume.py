@@ -1,0 +1,158 @@
+"""A study that survives the head: a sweep whose study lives in a real PostgreSQL server, and one on
+`s3://` storage (moto's S3 server on 127.0.0.1), each SIGKILLed mid-sweep and resumed with the
+history it had. The S3 sweep resumes on a "new head" (another working directory; the old one and
+the node's cache folder deleted) from the storage alone, and `sweeps/pull.py` fetches its winner
+from s3:// with the checksum verified."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sweeps import storage
+from sweeps.results import load_records
+from sweeps.spec import load_spec
+from sweeps.study_storage import JOURNAL_FILE, PRUNED_FILE, load_sweep_study, rdb_url, study_uri
+from tests.sweeps.local_servers import postgres_server, s3_server
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "examples" / "demo.yaml"
+ENDED = ("complete", "pruned")
+BUCKET = "lorasweep-sweeps"
+
+
+def _settings(*extra: str, trials: int) -> list[str]:
+    return [f"search.num_trials={trials}", "search.max_concurrent=1", "train.max_train_steps=4", "eval.interval=2",
+            "eval.seeds=[0]", *extra]
+
+
+def _command(sets: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(DEMO), *[a for s in sets for a in ("--set", s)]]
+
+
+def _run_and_kill(cmd: list[str], spec, finished: int, cwd: Path) -> str:
+    """Start the sweep, SIGKILL its driver (and the local Ray it started) once `finished` trials ended."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=cwd)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.monotonic() + 500
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if sum(r.row.state in ENDED for r in load_records(spec)) >= finished:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            except (FileNotFoundError, OSError, ValueError):  # no state yet, or a file mid-replace
+                pass
+            time.sleep(0.5)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        time.sleep(1)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+    return "".join(lines)
+
+
+def _pull(source: str, to: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sweeps" / "pull.py"), source, "--to", str(to)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _history(study: optuna.Study) -> dict:
+    return {t.number: (t.state, t.value, t.params) for t in study.trials}
+
+
+def _kept_history(before: dict, after: optuna.Study, trials: int) -> None:
+    """The resumed study kept every finished trial as it was and ran the rest of the budget."""
+    states = [t.state.name for t in after.trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == trials, states
+    assert set(states) <= {"COMPLETE", "PRUNED", "FAIL"}, states
+    finished = {n: h for n, h in before.items() if h[0].is_finished()}
+    assert len(finished) >= 1
+    assert {n: h for n, h in _history(after).items() if n in finished} == finished
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_study_lives_in_postgresql_is_killed_and_resumed_with_its_history(tmp_path):
+    with postgres_server() as url:
+        sets = _settings(f"storage={tmp_path}", f"study.storage={url}", trials=2)
+        spec = load_spec(DEMO, sets)
+        _run_and_kill(_command(sets), spec, 1, tmp_path)
+        before = _history(load_sweep_study(spec))
+        assert not (tmp_path / "demo" / "study" / JOURNAL_FILE).exists()  # the study is in the database only
+
+        resumed = subprocess.run([*_command(sets), "--resume"], capture_output=True, text=True, timeout=500, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert f"resuming sweep demo from {tmp_path / 'demo' / 'tune'}" in resumed.stdout
+        _kept_history(before, optuna.load_study(study_name="demo", storage=rdb_url(url)), 2)
+        assert len(load_records(spec)) == 2 and all(r.row.state in ENDED for r in load_records(spec))
+        assert (tmp_path / "demo" / "best.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_s3_is_resumed_on_a_new_head_from_storage_alone_and_its_winner_pulled(tmp_path, monkeypatch):
+    node_cache = tmp_path / "node-cache"
+    sets = _settings(f"storage=s3://{BUCKET}/sweeps", f"train.cache_dir={node_cache}", "tracking.wandb.enabled=true",
+                     trials=2)
+    sweep = f"s3://{BUCKET}/sweeps/demo"
+    for head in ("head1", "head2", "reader"):
+        (tmp_path / head).mkdir()
+    monkeypatch.chdir(tmp_path / "reader")  # this process reads the sweep as `--status` would, from a third folder
+    with s3_server(BUCKET):
+        spec = load_spec(DEMO, sets)
+        first = _run_and_kill(_command(sets), spec, 1, tmp_path / "head1")
+        assert f"published to {sweep}/shared: train_cache/latents-" in first, first[-3000:]
+        before = _history(load_sweep_study(spec))
+        stored_journal = storage.read_bytes(storage.join(study_uri(spec), JOURNAL_FILE))
+        # The stored journal may lag the head's copy by the appends after its last write-through
+        # (never a trial that ended or one Tune's saved state knows: those flush it).
+        assert (tmp_path / "head1" / "runs" / "demo" / "study" / JOURNAL_FILE).read_bytes().startswith(stored_journal)
+        # The head is lost: its folder and the node's caches with it.
+        shutil.rmtree(tmp_path / "head1")
+        shutil.rmtree(node_cache)
+
+        resumed = subprocess.run([*_command(sets), "--resume"], capture_output=True, text=True, timeout=500,
+                                 cwd=tmp_path / "head2")
+        out = resumed.stdout
+        assert resumed.returncode == 0, out[-3000:] + resumed.stderr[-3000:]
+        assert f"resuming sweep demo from {sweep}/tune" in out
+        # The caches were fetched from the storage before preparing, not built again (nor published again).
+        assert f"fetched from {sweep}: train_cache/latents-" in out and "published to" not in out
+        (latents,) = [n for n in storage.listdir(f"{sweep}/shared/train_cache") if n.startswith("latents-")]
+        assert (node_cache / latents / "latents.safetensors").read_bytes() == \
+            storage.read_bytes(f"{sweep}/shared/train_cache/{latents}/latents.safetensors")
+
+        _kept_history(before, load_sweep_study(spec), 2)
+        records = load_records(spec)
+        assert len(records) == 2 and all(r.row.state in ENDED for r in records)
+        pruned = {r.row.trial_id for r in records if r.row.state == "pruned"}
+        if storage.exists(storage.join(study_uri(spec), PRUNED_FILE)):
+            assert set(json.loads(storage.read_text(storage.join(study_uri(spec), PRUNED_FILE)))) == pruned
+        # Every trial's offline W&B run (and the summary run) is in the storage, not on a lost disk.
+        runs = [n for n in storage.listdir(f"{sweep}/wandb") if n.startswith("offline-run-")]
+        assert len(runs) >= len(records) + 1, runs
+        assert all(any(f.endswith(".wandb") for f in storage.list_files(f"{sweep}/wandb/{r}")) for r in runs)
+        assert "aws s3 cp --recursive" in out and "wandb sync" in out
+
+        pulled = _pull(sweep, tmp_path / "winner.safetensors")
+        assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+        manifest = json.loads(storage.read_text(f"{sweep}/export/manifest.json"))
+        rel = manifest["entries"][0]["files"]["kohya"]
+        assert storage.sha256_file(tmp_path / "winner.safetensors") == manifest["sha256"][rel]
+        # A damaged file in the bucket is refused, not pulled.
+        storage.write_bytes(f"{sweep}/{rel}", b"not the exported LoRA")
+        refused = _pull(sweep, tmp_path / "bad.safetensors")
+        assert refused.returncode == 2 and "does not match the manifest" in refused.stderr
+        assert not (tmp_path / "bad.safetensors").exists()
