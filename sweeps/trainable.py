@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfigError
 from trainer.export import kohya_metadata, save_lora_diffusers, save_lora_kohya
 from trainer.loop import LoraTrainer, TrainingDiverged
+from trainer.resident_models import acquire
 
 Scorer = Callable[[np.ndarray, list[str]], dict]
 
@@ -43,6 +45,7 @@ class TrialFailed(RuntimeError):
 
 def train_trial(params: dict, plan: TrialPlan) -> None:
     """Train one LoRA; every `plan.eval_interval` steps sample, score and report with a checkpoint."""
+    started = time.perf_counter()
     _quiet_libraries()
     torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id() or "local"
@@ -50,7 +53,11 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
     if storage.exists(failure_record):
         raise TrialFailed(json.loads(storage.read_text(failure_record))["reason"])
     try:
-        trainer = LoraTrainer.build(plan.train_config(params), prepared=plan.prepared)
+        trainer = LoraTrainer(plan.train_config(params), prepared=plan.prepared)  # checks before any load
+        # The worker's resident base model when the previous trial here used the same one.
+        base = acquire(trainer.cfg, trainer.device, plan.prepared)
+        trainer.models = base.components
+        trainer.setup()
     except TrainConfigError as err:
         _fail(failure_record, f"invalid config: {err}", params)
     resumed_from = _restore(trainer)
@@ -59,6 +66,8 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
     if trainer.global_step == 0:
         _save_base_samples(trainer, plan.sweep_uri, prompts, seeds)
     tracker = _tracker(plan.tracking, params, trial_id)
+    # From the trial's start to its first training step: what a pruned trial pays before it learns.
+    startup = {"startup_s": time.perf_counter() - started, "warm_start": float(base.warm)}
     try:
         while trainer.global_step < trainer.max_train_steps:
             try:
@@ -70,7 +79,7 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
             if plan.oracle == "toy_world":  # exact scores that only the toy world has
                 scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
                           **heldout_scores(trainer.sample, plan.trigger_word)}
-            metrics = _metrics(trainer, history, scores, resumed_from)
+            metrics = {**_metrics(trainer, history, scores, resumed_from), **startup}
             save_eval_images(plan.sweep_uri, trial_id, trainer.global_step, images)  # the report's steps grid
             if tracker:
                 tracker.log_evaluation(metrics, images, prompts, seeds)
