@@ -119,9 +119,10 @@ def table(trials: list[TrialData], spec: SweepSpec) -> tuple[list[str], list[lis
     """The trials table: header and one row of raw values per trial (the page and W&B format them)."""
     params = sorted({k for t in trials for k in t.row.params})
     columns = table_columns(spec, trials)
-    header = ["trial", *params, *columns, "state", "steps", "trial s"]
+    startup = any(t.row.startup_s is not None for t in trials)  # what each trial spent before its first step
+    header = ["trial", *params, *columns, "state", "steps", "trial s", *(["start-up s"] if startup else [])]
     rows = [[t.row.trial_id, *(t.row.params.get(p) for p in params), *(t.metrics.get(c) for c in columns),
-             t.row.state, t.row.steps, t.row.wall_s] for t in trials]
+             t.row.state, t.row.steps, t.row.wall_s, *([t.row.startup_s] if startup else [])] for t in trials]
     return header, rows
 
 

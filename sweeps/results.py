@@ -48,6 +48,7 @@ class TrialRow:
     reason: str | None = None
     values: dict = field(default_factory=dict)  # best checkpoint's value of every objective
     metrics: dict = field(default_factory=dict)  # best checkpoint's value of every number it reported
+    startup_s: float | None = None  # from the trial's start to its first training step (sweeps.trainable)
 
 
 @dataclass
@@ -114,6 +115,7 @@ def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures
         reason=reason,
         values={o.metric: scored[0][1].get(o.metric) for o in spec.objectives} if scored else {},
         metrics={k: v for k, v in scored[0][1].items() if _number(v)} if scored else {},
+        startup_s=last.get("startup_s"),
     )
 
 
@@ -182,7 +184,8 @@ def _finite(value) -> bool:
 
 
 def format_table(rows: list[TrialRow], spec: SweepSpec, columns: list[str] | None = None) -> str:
-    """One line per trial: id, params, the primary objective, metric columns, state, steps, wall time.
+    """One line per trial: id, params, the primary objective, metric columns, state, steps, wall time
+    and, where trials report it, start-up time (what a trial spent before its first step).
 
     columns: the metric columns (`parse_columns`), shown even where no trial reports them ("-");
     default: the SHOWN_METRICS that some trial reports.
@@ -192,10 +195,11 @@ def format_table(rows: list[TrialRow], spec: SweepSpec, columns: list[str] | Non
     if columns is None:
         columns = [m for m in SHOWN_METRICS if any(m in r.metrics for r in rows)]
     extra = [m for m in columns if m != metric]
-    header = ["trial", *keys, metric, *extra, "state", "steps", "wall s"]
+    startup = any(r.startup_s is not None for r in rows)
+    header = ["trial", *keys, metric, *extra, "state", "steps", "wall s", *(["start s"] if startup else [])]
     body = [
         [r.trial_id, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.objective), *[_fmt(r.metrics.get(m)) for m in extra],
-         r.state, _fmt(r.steps), _fmt(r.wall_s)]
+         r.state, _fmt(r.steps), _fmt(r.wall_s), *([_fmt(r.startup_s)] if startup else [])]
         for r in rows
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]

@@ -48,10 +48,18 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     # The table lists all three trials with the oracle's columns, and the winner has its best score.
     # (the demo's median pruner may stop the third trial early: "pruned")
     header = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("trial "))
-    assert header[-9:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "cmmd", "state", "steps", "wall", "s"]
-    table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 4 and ln.split()[-3] in ("complete", "pruned")]
+    assert header[-11:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "cmmd", "state", "steps",
+                            "wall", "s", "start", "s"]
+    table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 4 and ln.split()[-4] in ("complete", "pruned")]
     assert len(table) == 3, proc.stdout
-    scores = [float(ln.split()[-8]) for ln in table]
+    scores = [float(ln.split()[-9]) for ln in table]
+    # Two trials at a time: the third runs on a worker that a finished trial left, with its base model loaded.
+    from sweeps.results import load_records
+    from sweeps.spec import load_spec
+
+    records = load_records(load_spec(ROOT / "examples" / "demo.yaml", [f"storage={tmp_path}"]))
+    assert sum(r.row.metrics["warm_start"] for r in records) >= 1
+    assert all(r.row.startup_s > 0 for r in records)
     assert info["objective"]["value"] == pytest.approx(max(scores), rel=1e-3)
     # best_samples.png: labelled rows for the base model, the winner and the worst trial.
     from PIL import Image

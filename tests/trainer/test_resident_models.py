@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from resident_trials import assert_same_trial, config, run_trial
 
-from resident_trials import VARIANTS, assert_same_trial, config, run_trial
 from trainer.preparation import prepare
 from trainer.resident_models import ResidentModels, reset_components, structure, unet_dtype, weights_identity
 
