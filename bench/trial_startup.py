@@ -51,18 +51,28 @@ def model_folder(name: str, root: Path) -> str:
     return str(folder)
 
 
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds: CPU time of this process is robust to other jobs on a shared machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
 def start_trial(cfg, prepared, workers) -> tuple:
-    """What train_trial does before its first step; returns the trainer, its start-up seconds, the
-    base model's load seconds (0 when warm) and whether it was warm."""
+    """What train_trial does before its first step; returns the trainer, its start-up (wall, CPU)
+    seconds, the base model's (wall, CPU) seconds to get it from the worker, and whether it was warm."""
     from trainer.loop import LoraTrainer
 
-    start = time.perf_counter()
+    start = clock()
     trainer = LoraTrainer(cfg, prepared=prepared)
     got = workers.acquire(cfg, trainer.device, prepared)
-    acquired = time.perf_counter()
+    acquired = since(start)
     trainer.models = got.components
     trainer.setup()
-    return trainer, time.perf_counter() - start, acquired - start, got.warm
+    return trainer, since(start), acquired, got.warm
 
 
 def time_model(name: str, args, root: Path) -> dict:
@@ -77,7 +87,7 @@ def time_model(name: str, args, root: Path) -> dict:
     prepared = prepare(cfg, device="cpu")  # once per sweep, on the driver: not a trial's start-up
     warm_workers = ResidentModels()
     start_trial(cfg, prepared, warm_workers)  # the worker's previous trial (untimed)
-    cold, warm, load = [], [], []
+    cold, warm, load, warm_get = [], [], [], []
     for _ in range(args.repeats):
         workers = ResidentModels()
         _, seconds, loading, was_warm = start_trial(cfg, prepared, workers)
@@ -85,43 +95,49 @@ def time_model(name: str, args, root: Path) -> dict:
         cold.append(seconds)
         load.append(loading)
         workers.release()
-        trainer, seconds, _, was_warm = start_trial(cfg, prepared, warm_workers)
+        trainer, seconds, reset, was_warm = start_trial(cfg, prepared, warm_workers)
         assert was_warm
         warm.append(seconds)
+        warm_get.append(reset)
     trainer.train(1)  # the first step's one-off costs are not a step's
     steps = []
     for _ in range(args.steps):
-        t = time.perf_counter()
+        start = clock()
         trainer.step()
-        steps.append(time.perf_counter() - t)
-    t = time.perf_counter()
+        steps.append(since(start))
+    start = clock()
     trainer.sample(["a lswsks circle"] * args.eval_images, list(range(args.eval_images)))
-    evaluation = time.perf_counter() - t
-    return summarise(name, cold, warm, load, statistics.median(steps), evaluation, args)
+    return {**summarise(name, cold, warm, load, steps, since(start), args), "warm_get": warm_get}
 
 
-def summarise(name, cold, warm, load, step_s, eval_s, args) -> dict:
-    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
-    work = args.interval * step_s + eval_s  # a trial pruned at its first evaluation, without start-up
-
-    def share(startup: float) -> float:
-        return startup / (startup + work)
-
-    return {"model": name, "cold_s": cold, "warm_s": warm, "cold_load_s": load, "median_cold_s": cold_s,
-            "median_warm_s": warm_s, "speedup": cold_s / warm_s, "step_s": step_s, "eval_s": eval_s,
-            "pruned_trial_work_s": work, "cold_share": share(cold_s), "warm_share": share(warm_s)}
+def summarise(name, cold, warm, load, steps, evaluation, args) -> dict:
+    """Per clock (wall, CPU): medians, the speed-up, and the start-up's share of a pruned trial."""
+    out = {"model": name, "cold": cold, "warm": warm, "cold_load": load, "steps": steps, "eval": evaluation}
+    for i, clock_name in enumerate(("wall", "cpu")):
+        cold_s, warm_s = statistics.median(c[i] for c in cold), statistics.median(w[i] for w in warm)
+        step_s = statistics.median(s[i] for s in steps)
+        work = args.interval * step_s + evaluation[i]  # a trial pruned at its first evaluation, without start-up
+        out[clock_name] = {"cold_s": cold_s, "warm_s": warm_s, "load_s": statistics.median(c[i] for c in load),
+                           "speedup": cold_s / warm_s, "step_s": step_s, "eval_s": evaluation[i],
+                           "pruned_trial_work_s": work, "cold_share": cold_s / (cold_s + work),
+                           "warm_share": warm_s / (warm_s + work)}
+    return out
 
 
 def report(rows: list[dict], args) -> None:
     print(f"pruned trial: {args.interval} steps + one evaluation of {args.eval_images} images at "
           f"{args.sampling_steps} sampling steps; medians of {args.repeats} start-ups")
-    print("| model | cold start-up (of it: loading) | warm start-up | cold / warm | step | evaluation | "
-          "start-up share of a pruned trial, cold -> warm |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | clock | cold start-up (of it: getting the model) | warm start-up (of it: the reset) | cold / warm | "
+          "step | evaluation | start-up share of a pruned trial, cold -> warm |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['median_cold_s']:.3f} s ({statistics.median(r['cold_load_s']):.3f} s) | "
-              f"{r['median_warm_s']:.3f} s | {r['speedup']:.1f}x | {r['step_s'] * 1000:.0f} ms | {r['eval_s']:.2f} s | "
-              f"{100 * r['cold_share']:.2f}% -> **{100 * r['warm_share']:.2f}%** |")
+        warm_get = statistics.median(w[1] for w in r["warm_get"])
+        for clock_name in ("wall", "cpu"):
+            c = r[clock_name]
+            get = warm_get if clock_name == "cpu" else statistics.median(w[0] for w in r["warm_get"])
+            print(f"| {r['model']} | {clock_name} | {c['cold_s']:.3f} s ({c['load_s']:.3f} s) | {c['warm_s']:.3f} s "
+                  f"({get:.3f} s) | {c['speedup']:.1f}x | {c['step_s'] * 1000:.0f} ms | {c['eval_s']:.2f} s | "
+                  f"{100 * c['cold_share']:.2f}% -> **{100 * c['warm_share']:.2f}%** |")
 
 
 def main() -> None:
