@@ -18,7 +18,7 @@ from trainer.export import save_lora_diffusers, save_lora_kohya
 from trainer.loop import LoraTrainer, TrainingDiverged
 from trainer.resident_models import ResidentModels
 
-STEPS = 3
+STEPS = 2
 PROMPTS, SEEDS = ["lswsks, a red circle", "a blue square"], [0, 1]
 # The kohya layout's dates (modelspec.date, ss_training_finished_at) say when a file was written.
 DATED = ("modelspec.date", "ss_training_finished_at")

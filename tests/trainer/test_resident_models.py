@@ -1,6 +1,6 @@
 """A warm trial worker: the base model stays loaded across trials, reset completely in between.
 
-Trials here are short (3 steps of the tiny SD); a warm trial must equal the same trial run in a
+Trials here are short (2 steps of the tiny SD); a warm trial must equal the same trial run in a
 fresh process bit for bit, whatever trial the worker ran before.
 """
 
@@ -27,8 +27,8 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def base(tiny_sd_dir, demo_dataset, tmp_path_factory):
     return dict(base_model=str(tiny_sd_dir), dataset=str(demo_dataset), resolution=64, train_batch_size=2,
-                max_train_steps=10, learning_rate=1e-2, rank=2, seed=3,
-                cache_dir=str(tmp_path_factory.mktemp("resident-cache")))
+                max_train_steps=10, learning_rate=1e-2, rank=2, seed=3, validation_timesteps=1,
+                sampling={"steps": 2}, cache_dir=str(tmp_path_factory.mktemp("resident-cache")))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ def fresh(base, prepared, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("previous", "target"), [
     ("text_encoder_lora", "plain"),
     ("clip_skip_2", "plain"),
@@ -159,6 +160,7 @@ def _live_tensors() -> tuple[int, int]:
     return len(tensors), sum(t.untyped_storage().nbytes() for t in tensors if t.device.type != "meta")
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_over_ten_trials(base, prepared, tmp_path):
     workers = ResidentModels()
     order = ["plain", "text_encoder_lora", "clip_skip_2", "v_prediction", "diverged"] * 2
