@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 from diffusers.utils import recurse_remove_peft_layers
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from trainer.config import TrainConfig
 from trainer.model_loading import SDComponents, base_model_weights_file, load_sd_components, resolve_base_model
@@ -61,6 +62,11 @@ def unet_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def resident_key(cfg: TrainConfig, device: torch.device, prepared: Prepared | None = None) -> ResidentKey:
+    """What `cfg` needs loaded. Training the text encoder needs no other base model: it is held in
+    float32 trained or frozen, and the LoRA layers a reset removes are all that training adds.
+    The attention processors are set per trial anyway (place_base_models); a config with another
+    attention implementation still gets a freshly loaded model, so that nothing a processor keeps
+    can carry over (sweeps rarely search it, so this costs little)."""
     kind, source = resolve_base_model(cfg.base_model)
     weights = base_model_weights_file(cfg.base_model)
     stat = Path(weights).stat() if weights is not None else None
@@ -122,18 +128,25 @@ def reset_components(components: SDComponents, scheduler_config: dict) -> SDComp
         te.disable_input_require_grads()
     te.activation_checkpointing_disable()
     unet.disable_gradient_checkpointing()
-    if getattr(unet, "peft_config", None):
-        unet.unload_lora()
-    recurse_remove_peft_layers(te)  # transformers deletes adapters but keeps their wrappers
-    if hasattr(te, "peft_config"):
-        del te.peft_config
-    te._hf_peft_config_loaded = False
+    for module in (unet, te):
+        _remove_peft_layers(module)
     for module in _modules(components).values():
         module.requires_grad_(False)
         module.eval()
         for p in module.parameters():
             p.grad = None
     return dataclasses.replace(components, noise_scheduler=DDPMScheduler.from_config(scheduler_config))
+
+
+def _remove_peft_layers(module: torch.nn.Module) -> None:
+    """Every peft wrapper replaced by the layer it wrapped, and the adapter configs dropped (as
+    diffusers' `unload_lora` does; transformers' `delete_adapter` would leave the wrappers)."""
+    if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+        recurse_remove_peft_layers(module)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if getattr(module, "_hf_peft_config_loaded", False):
+        module._hf_peft_config_loaded = False
 
 
 class ResidentModels:
