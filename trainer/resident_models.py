@@ -109,12 +109,19 @@ def weights_identity(components: SDComponents) -> tuple:
     return tuple(out)
 
 
+# transformers installs these on a text encoder's layers at its first call with
+# output_hidden_states (clip skip > 1), once for the model's life; they do nothing unless a call
+# asks for hidden states, so they belong to the model, not to a trial.
+_OUTPUT_CAPTURING = "transformers.utils.output_capturing"
+
+
 def structure(components: SDComponents) -> tuple:
     """What a reset must bring back: module classes, hooks, train flags, checkpointing flags, grads."""
     out = []
     for part, module in _modules(components).items():
         for name, m in module.named_modules():
-            hooks = len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values(), *m._backward_hooks.values()]
+            hooks = sum(getattr(h, "__module__", None) != _OUTPUT_CAPTURING for h in hooks)
             out.append((part, name, type(m).__name__, hooks, m.training, bool(getattr(m, "gradient_checkpointing", False))))
         out.append((part, any(p.requires_grad or p.grad is not None for p in module.parameters())))
         out.append((part, bool(getattr(module, "_hf_peft_config_loaded", False)), hasattr(module, "peft_config")))
