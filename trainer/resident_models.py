@@ -186,7 +186,10 @@ class ResidentModels:
         if old.key != key:
             differ = [f.name for f in dataclasses.fields(key) if getattr(key, f.name) != getattr(old.key, f.name)]
             return None, f"{', '.join(differ)} differ"
-        components = reset_components(old.components, old.scheduler_config)
+        try:
+            components = reset_components(old.components, old.scheduler_config)
+        except Exception as err:  # the trial still runs, on a model loaded again
+            return None, f"the reset failed ({type(err).__name__}: {err})"
         if weights_identity(components) != old.weights:
             return None, "the previous trial modified the base weights"
         if structure(components) != old.structure:
