@@ -123,9 +123,12 @@ def table(trials: list[TrialData], spec: SweepSpec) -> tuple[list[str], list[lis
     params = sorted({k for t in trials for k in t.row.params})
     columns = table_columns(spec, trials)
     bill = sweep_bill([t.row for t in trials], spec)
-    header = ["trial", *params, *columns, "state", "steps", "trial s", f"{bill.unit} h", "steps not run"]
+    startup = any(t.row.startup_s is not None for t in trials)  # what each trial spent before its first step
+    header = ["trial", *params, *columns, "state", "steps", "trial s", f"{bill.unit} h", "steps not run",
+              *(["start-up s"] if startup else [])]
     rows = [[t.row.trial_id, *(t.row.params.get(p) for p in params), *(t.metrics.get(c) for c in columns),
-             t.row.state, t.row.steps, t.row.wall_s, b.trial_hours, b.steps_not_run or None]
+             t.row.state, t.row.steps, t.row.wall_s, b.trial_hours, b.steps_not_run or None,
+             *([t.row.startup_s] if startup else [])]
             for t, b in zip(trials, bill.trials)]
     return header, rows
 

@@ -50,6 +50,7 @@ class TrialRow:
     budget: int | None = None  # the trial's step budget (max_train_steps), when known
     values: dict = field(default_factory=dict)  # best checkpoint's value of every objective
     metrics: dict = field(default_factory=dict)  # best checkpoint's value of every number it reported
+    startup_s: float | None = None  # from the trial's start to its first training step (sweeps.trainable)
 
 
 @dataclass
@@ -116,6 +117,7 @@ def _row(trial, result: tune.Result, spec: SweepSpec, pruned: set[str], failures
         budget=int(budget) if budget else None,
         values={o.metric: scored[0][1].get(o.metric) for o in spec.objectives} if scored else {},
         metrics={k: v for k, v in scored[0][1].items() if _number(v)} if scored else {},
+        startup_s=last.get("startup_s"),
     )
 
 
@@ -188,7 +190,8 @@ def _finite(value) -> bool:
 
 
 def format_table(rows: list[TrialRow], spec: SweepSpec, columns: list[str] | None = None) -> str:
-    """One line per trial: id, params, the primary objective, metric columns, state, steps, wall time.
+    """One line per trial: id, params, the primary objective, metric columns, state, steps, wall time
+    and, where trials report it, start-up time (what a trial spent before its first step).
 
     columns: the metric columns (`parse_columns`), shown even where no trial reports them ("-");
     default: the SHOWN_METRICS that some trial reports.
@@ -199,10 +202,13 @@ def format_table(rows: list[TrialRow], spec: SweepSpec, columns: list[str] | Non
         columns = [m for m in SHOWN_METRICS if any(m in r.metrics for r in rows)]
     extra = [m for m in columns if m != metric]
     bill = sweep_bill(rows, spec)
-    header = ["trial", *keys, metric, *extra, "state", "steps", "wall s", f"{bill.unit} h", "not run"]
+    startup = any(r.startup_s is not None for r in rows)
+    header = ["trial", *keys, metric, *extra, "state", "steps", "wall s", f"{bill.unit} h", "not run",
+              *(["start s"] if startup else [])]
     body = [
         [r.trial_id, *[_fmt(r.params.get(k)) for k in keys], _fmt(r.objective), *[_fmt(r.metrics.get(m)) for m in extra],
-         r.state, _fmt(r.steps), _fmt(r.wall_s), _fmt(t.trial_hours), _fmt(t.steps_not_run or None)]
+         r.state, _fmt(r.steps), _fmt(r.wall_s), _fmt(t.trial_hours), _fmt(t.steps_not_run or None),
+         *([_fmt(r.startup_s)] if startup else [])]
         for r, t in zip(rows, bill.trials)
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfigError
 from trainer.export import kohya_metadata, save_lora_diffusers, save_lora_kohya
 from trainer.loop import LoraTrainer, TrainingDiverged
+from trainer.resident_models import acquire
 
 Scorer = Callable[[np.ndarray, list[str]], dict]
 
@@ -48,6 +50,7 @@ class TrialFailed(RuntimeError):
 def train_trial(params: dict, plan: TrialPlan) -> None:
     """Train one LoRA; every `plan.eval_interval` steps sample, score and report with a checkpoint.
     A deterministic failure ends the trial with one failure result (see the module's docstring)."""
+    started = time.perf_counter()
     _quiet_libraries()
     torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id() or "local"
@@ -57,7 +60,7 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
         return
     state = {"step": None}
     try:
-        _train(params, plan, trial_id, failure_record, state)
+        _train(params, plan, trial_id, failure_record, state, started)
     except TrialFailed as err:
         _report_failure(plan, str(err), state["step"])
 
@@ -71,11 +74,15 @@ def _report_failure(plan: TrialPlan, reason: str, step: int | None = None) -> No
     tune.report(metrics)
 
 
-def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, state: dict) -> None:
+def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, state: dict, started: float) -> None:
     if plan.shared:  # remote storage: the driver's caches and class images, where this node lacks them
         fetch(plan.shared, plan.sweep_uri, plan.fixed.get("cache_dir"))
     try:
-        trainer = LoraTrainer.build(plan.train_config(params), prepared=plan.prepared)
+        trainer = LoraTrainer(plan.train_config(params), prepared=plan.prepared)  # checks before any load
+        # The worker's resident base model when the previous trial here used the same one.
+        base = acquire(trainer.cfg, trainer.device, plan.prepared)
+        trainer.models = base.components
+        trainer.setup()
     except TrainConfigError as err:
         _fail(failure_record, f"invalid config: {err}", params)
     resumed_from = _restore(trainer)
@@ -85,6 +92,8 @@ def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, st
     if trainer.global_step == 0:
         _save_base_samples(trainer, plan.sweep_uri, prompts, seeds)
     tracker = _tracker(plan.tracking, params, trial_id)
+    # From the trial's start to its first training step: what a pruned trial pays before it learns.
+    startup = {"startup_s": time.perf_counter() - started, "warm_start": float(base.warm)}
     try:
         while trainer.global_step < trainer.max_train_steps:
             try:
@@ -96,7 +105,7 @@ def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, st
             if plan.oracle == "toy_world":  # exact scores that only the toy world has
                 scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
                           **heldout_scores(trainer.sample, plan.trigger_word)}
-            metrics = _metrics(trainer, history, scores, resumed_from)
+            metrics = {**_metrics(trainer, history, scores, resumed_from), **startup}
             state["step"] = trainer.global_step
             save_eval_images(plan.sweep_uri, trial_id, trainer.global_step, images)  # the report's steps grid
             if tracker:

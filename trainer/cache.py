@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,21 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# A resident tokenizer (trainer.resident_models) serves every trial of its worker: hashing its
+# 49k-entry vocabulary again was a quarter of a warm trial's start-up. A vocabulary changes only
+# by added tokens, which change its length: the memo is kept per tokenizer, length and max length.
+_TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _tokenizer_fingerprint(tokenizer) -> str:
+    shape = (len(tokenizer), tokenizer.model_max_length)
+    memo = _TOKENIZER_FINGERPRINTS.get(tokenizer)
+    if memo is not None and memo[0] == shape:
+        return memo[1]
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
-    return hashlib.sha256(f"{vocab}|{tokenizer.model_max_length}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(f"{vocab}|{tokenizer.model_max_length}".encode()).hexdigest()
+    _TOKENIZER_FINGERPRINTS[tokenizer] = (shape, fingerprint)
+    return fingerprint
 
 
 def _key(payload: dict) -> str:

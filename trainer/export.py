@@ -35,18 +35,25 @@ def save_lora_diffusers(unet, path: str | Path, text_encoder=None) -> Path:
     te_layers = te_meta = None
     if text_encoder is not None:
         te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER))
-        te_meta = text_encoder.peft_config[ADAPTER].to_dict()
+        te_meta = adapter_metadata(text_encoder)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp,
             unet_lora_layers=layers,
             text_encoder_lora_layers=te_layers,
             weight_name=path.name,
-            unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+            unet_lora_adapter_metadata=adapter_metadata(unet),
             text_encoder_lora_adapter_metadata=te_meta,
         )
         os.replace(Path(tmp) / path.name, path)
     return path
+
+
+def adapter_metadata(model) -> dict:
+    """The model's peft config as file metadata, with sets sorted: diffusers writes a set in its
+    iteration order, which string-hash randomisation changes from process to process, so the same
+    trial's file would differ between two runs."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config[ADAPTER].to_dict().items()}
 
 
 def save_lora_kohya(

@@ -70,3 +70,15 @@ def test_cli_refuses_an_unknown_column_before_reading_the_sweep(tmp_path, capsys
     err = capsys.readouterr().err
     assert "error: --columns: unknown column(s) fid; valid columns:" in err and "clip_kid" in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_start_up_seconds_are_a_column_when_trials_report_them(spec):
+    """Real trials report `startup_s` (trial start to first step): a cold worker loads the base
+    model, a warm one reuses it; the table shows what each trial paid."""
+    rows = _rows()
+    rows[0].startup_s, rows[1].startup_s = 0.4321, 7.5
+    header, first, second = _table(rows, spec)
+    assert header[-6:] == ["state", "steps", "wall", "s", "start", "s"]
+    assert first[-4:] == ["complete", "400", "61", "0.4321"] and second[-4:] == ["failed", "10", "3", "7.5"]
+    rows[1].startup_s = None  # a trial that never reached its first step
+    assert _table(rows, spec)[2][-1] == "-"

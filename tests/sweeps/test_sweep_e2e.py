@@ -48,16 +48,23 @@ def test_sweep_of_three_trials_exports_best(tmp_path):
     # The table lists all three trials with the oracle's columns, and the winner has its best score.
     # (the demo's median pruner may stop the third trial early: "pruned")
     header = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("trial "))
-    assert header[-13:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "cmmd", "state", "steps", "wall",
-                            "s", "CPU", "h", "not", "run"]
-    table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 6 and ln.split()[-5] in ("complete", "pruned")]
+    assert header[-15:] == ["objective", "clip_score", "concept_accuracy", "prior_accuracy", "cmmd", "state", "steps", "wall",
+                            "s", "CPU", "h", "not", "run", "start", "s"]
+    table = [ln for ln in proc.stdout.splitlines() if len(ln.split()) >= 7 and ln.split()[-6] in ("complete", "pruned")]
     assert len(table) == 3, proc.stdout
-    scores = [float(ln.split()[-10]) for ln in table]
+    scores = [float(ln.split()[-11]) for ln in table]
     # The bill: each trial's CPU-hours are its wall time x 1 CPU; best.json holds the totals.
     for ln in table:
-        assert float(ln.split()[-2]) == pytest.approx(float(ln.split()[-3]) / 3600, rel=2e-3), ln
-    assert info["bill"]["steps_run"] == sum(int(ln.split()[-4]) for ln in table) and info["bill"]["unit"] == "CPU"
+        assert float(ln.split()[-3]) == pytest.approx(float(ln.split()[-4]) / 3600, rel=2e-3), ln
+    assert info["bill"]["steps_run"] == sum(int(ln.split()[-5]) for ln in table) and info["bill"]["unit"] == "CPU"
     assert any(ln.startswith("bill: ") for ln in proc.stdout.splitlines())
+    # Two trials at a time: the third runs on a worker that a finished trial left, with its base model loaded.
+    from sweeps.results import load_records
+    from sweeps.spec import load_spec
+
+    records = load_records(load_spec(ROOT / "examples" / "demo.yaml", [f"storage={tmp_path}"]))
+    assert sum(r.row.metrics["warm_start"] for r in records) >= 1
+    assert all(r.row.startup_s > 0 for r in records)
     assert info["objective"]["value"] == pytest.approx(max(scores), rel=1e-3)
     # best_samples.png: labelled rows for the base model, the winner and the worst trial.
     from PIL import Image

@@ -123,3 +123,17 @@ def test_two_processes_build_one_valid_cache(tiny_sd_dir, tmp_path):
     # The trainer then finds it instead of building its own.
     t = LoraTrainer.build(build_train_config(values), device="cpu")
     assert t.latent_cache.folder == latents[0].parent and t.text_cache.folder == texts[0].parent
+
+
+def test_tokenizer_fingerprint_is_kept_per_tokenizer_and_follows_added_tokens(tiny_sd_dir):
+    from transformers import CLIPTokenizer
+
+    from trainer.cache import _tokenizer_fingerprint
+
+    first = CLIPTokenizer.from_pretrained(tiny_sd_dir, subfolder="tokenizer")
+    second = CLIPTokenizer.from_pretrained(tiny_sd_dir, subfolder="tokenizer")
+    before = _tokenizer_fingerprint(first)
+    assert _tokenizer_fingerprint(first) == before == _tokenizer_fingerprint(second)
+    first.add_tokens(["<lswsks-embedding>"])  # a textual-inversion token: another vocabulary
+    assert _tokenizer_fingerprint(first) != before
+    assert _tokenizer_fingerprint(second) == before

@@ -226,6 +226,18 @@ def test_metadata_must_be_strings(trained, tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file is left behind"
 
 
+def test_diffusers_file_lists_targets_in_one_order(trained, tmp_path):
+    """peft keeps target_modules as a set, whose order changes with each process's string-hash seed;
+    the file lists them sorted, so the same trial gives the same file in any process."""
+    trainer, _ = trained
+    path = save_lora_diffusers(trainer.models.unet, tmp_path / "d.safetensors", text_encoder=trainer.models.text_encoder)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    for prefix in ("unet", "text_encoder"):
+        targets = meta[f"{prefix}.target_modules"]
+        assert isinstance(targets, list) and targets == sorted(targets) and len(targets) > 1
+
+
 @pytest.mark.slow
 def test_fused_checkpoint_equals_lora_loaded(kohya_full, tmp_path, tiny_sd_dir, trained):
     cfg = trained[0].cfg
