@@ -167,7 +167,10 @@ class TrackingSpec(_Strict):
 
 class ExportSpec(_Strict):
     top_k: int = Field(1, ge=1, description="How many of the best LoRAs to export.")
-    formats: list[Literal["kohya", "diffusers"]] = Field(["kohya", "diffusers"], min_length=1)
+    formats: list[Literal["kohya", "diffusers"]] = Field(
+        ["kohya", "diffusers"], min_length=1, description="LoRA trials: the kohya file (UIs) and diffusers' file. "
+        "Full fine-tunes (method full): always model.safetensors, the single-file checkpoint UIs load; "
+        "with diffusers also model/, a diffusers pipeline folder.")
 
 
 class FailureSpec(_Strict):

@@ -136,7 +136,16 @@ def _report(trainer, plan: TrialPlan, params, metrics, images, prompts, seeds) -
 
 
 def save_loras(trainer: LoraTrainer, plan: TrialPlan, params: dict, folder: Path) -> None:
-    """Both layouts into every checkpoint, so export only copies files (no model needed there)."""
+    """Both layouts into every checkpoint, so export only copies files (no model needed there); with
+    EMA, the averaged LoRA. A full fine-tune writes none: its checkpoint's state holds the trained
+    weights (and EMA), which export puts into the base model (trainer.full_export)."""
+    if trainer.cfg.method == "full":
+        return
+    with trainer.eval_weights():
+        _save_lora_files(trainer, plan, params, folder)
+
+
+def _save_lora_files(trainer: LoraTrainer, plan: TrialPlan, params: dict, folder: Path) -> None:
     te = trainer.models.text_encoder if trainer.cfg.train_text_encoder else None
     extra = {"text_encoder": te} if te is not None else {}
     save_lora_diffusers(trainer.models.unet, folder / LORA_DIFFUSERS, **extra)

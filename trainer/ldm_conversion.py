@@ -92,7 +92,8 @@ def vae_key_to_ldm(key: str, num_blocks: int) -> str:
         return f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_[qkv]|to_out\.0|query|key|value|proj_attn)\.(.+)", key):
+    attn = "|".join(re.escape(name) for name in _VAE_ATTN)
+    if m := re.fullmatch(rf"(encoder|decoder)\.mid_block\.attentions\.0\.({attn})\.(.+)", key):
         return f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
     if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(post_)?quant_conv\..+", key):
         return key
