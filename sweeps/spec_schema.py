@@ -180,6 +180,9 @@ class FailureSpec(_Strict):
 class ResourcesSpec(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GB, for --dry-run's memory check (a trial's share is "
+        "gpus_per_trial x this); None: this machine's first GPU, or 24 (A10G/3090 class) without one.")
     start_timeout_s: float = Field(
         300.0, gt=0, description="On a cluster: stop the sweep when no trial has started after this many "
         "seconds (no node offers a trial's resources and the autoscaler added none).")
