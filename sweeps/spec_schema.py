@@ -90,6 +90,20 @@ class ParamSpace(_Strict):
         return {k: (v if isinstance(v, list) else [v]) for k, v in (self.when or {}).items()}
 
 
+class GroundTruthSpec(_Strict):
+    """Held-out (caption, truth image) pairs (evaluator.ground_truth): every evaluation samples each
+    caption once at `seed` and scores the images against the truth (LPIPS, FD/KID/CMMD on CLIP
+    features, CLIP-T); the base model's scores come once per sweep as the reference row (base_gt_*)."""
+
+    folder: str = Field(description="An imagefolder of truth images with metadata.jsonl (file_name, text): a test "
+                        "split, or a folder of its own; relative to the working directory.")
+    seed: int = Field(0, ge=0, description="The one seed of every caption's image.")
+    lpips_net: Literal["alex", "vgg", "squeeze"] = Field("alex", description="LPIPS backbone.")
+    lpips_weights: str | None = Field(
+        None, description="The backbone's torchvision weights file (e.g. alexnet-owt-7be5be79.pth); None: torch's "
+        "hub cache (<torch hub dir>/checkpoints/), where torchvision's download puts it.")
+
+
 class EvalSpec(_Strict):
     """What each trial is scored on."""
 
@@ -101,6 +115,7 @@ class EvalSpec(_Strict):
     prompts: list[str] = Field(default_factory=list, description="Prompts; `{trigger}` is replaced by the trigger word.")
     seeds: list[int] = Field([0, 1], min_length=1, description="Each prompt is sampled once per seed.")
     class_word: str | None = Field(None, description="Fills `{class}` in prompts (e.g. `outfit`, `dog`).")
+    ground_truth: GroundTruthSpec | None = Field(None, description="Held-out pairs to score against (see GroundTruthSpec).")
     oracle: Literal["toy_world"] | None = Field(
         None, description="`toy_world`: also score every evaluation with the toy world's exact pixel oracle "
         "(concept_accuracy, concept_color_rate, prior_accuracy). Only for the built-in toy world: real "

@@ -23,6 +23,7 @@ from ray import tune
 from evaluator.remote import connect_evaluator, score_remote
 from sweeps import storage
 from sweeps.eval_images import save_eval_images
+from sweeps.ground_truth_scoring import make_ground_truth_scorer
 from sweeps.results import BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.sample_grids import save_grid
 from sweeps.suite_scoring import make_suite_scorer
@@ -55,9 +56,12 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
         _fail(failure_record, f"invalid config: {err}", params)
     resumed_from = _restore(trainer)
     scorer = make_suite_scorer(plan, trainer) or make_scorer(plan)
+    ground_truth = make_ground_truth_scorer(plan)  # None without eval.ground_truth
     prompts, seeds = plan.prompts, plan.seeds
     if trainer.global_step == 0:
         _save_base_samples(trainer, plan.sweep_uri, prompts, seeds)
+        if ground_truth is not None:
+            ground_truth.ensure_base(trainer)
     tracker = _tracker(plan.tracking, params, trial_id)
     try:
         while trainer.global_step < trainer.max_train_steps:
@@ -70,6 +74,8 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
             if plan.oracle == "toy_world":  # exact scores that only the toy world has
                 scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
                           **heldout_scores(trainer.sample, plan.trigger_word)}
+            if ground_truth is not None:
+                scores = {**scores, **ground_truth(trainer)}
             metrics = _metrics(trainer, history, scores, resumed_from)
             save_eval_images(plan.sweep_uri, trial_id, trainer.global_step, images)  # the report's steps grid
             if tracker:
@@ -120,6 +126,7 @@ def _metrics(trainer: LoraTrainer, history: list[dict], scores: dict, resumed_fr
         **{k: float(v) for k, v in scores.items() if np.isscalar(v)},
         # The objective split over the suite's items (prompt x seed): the wilcoxon pruner's paired test.
         **({"objective_items": scores["objective_items"]} if "objective_items" in scores else {}),
+        **{k: scores[k] for k in ("gt_lpips_items", "base_gt_lpips_items") if k in scores},  # LPIPS per image
     }
 
 

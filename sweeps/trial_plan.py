@@ -49,6 +49,7 @@ class TrialPlan:
     objective_weights: dict[str, float] | None = None  # `objective.weights` (None: the defaults)
     evaluator_dino: str | None = None  # the optional judges' absolute paths (`evaluator.dino`, `.aesthetic`)
     evaluator_aesthetic: str | None = None
+    ground_truth: dict | None = None  # sweeps.ground_truth_scoring.plan_entry(spec): pairs, seed, LPIPS backbone
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
@@ -73,6 +74,10 @@ def input_problems(spec: SweepSpec, local: bool) -> list[str]:
 
         problems += [f"evaluator.{key}: {msg}" for key, msg in
                      judge_problems(paths["dino"], paths["aesthetic"], spec.evaluator.model).items()]
+    if spec.eval.ground_truth is not None:
+        from sweeps.ground_truth_scoring import ground_truth_problems
+
+        problems += ground_truth_problems(spec.eval.ground_truth)
     if local:
         import torch
 
@@ -108,7 +113,16 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
         cpus_per_trial=spec.resources.cpus_per_trial,
         objective_weights=spec.objective_weights(),
         evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
+        ground_truth=_ground_truth_entry(spec),
     )
+
+
+def _ground_truth_entry(spec: SweepSpec) -> dict | None:
+    if spec.eval.ground_truth is None:
+        return None
+    from sweeps.ground_truth_scoring import plan_entry
+
+    return plan_entry(spec.eval.ground_truth)
 
 
 def _resolved_base_model(base_model: str) -> str:
