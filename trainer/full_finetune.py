@@ -8,6 +8,9 @@ and a frozen text encoder never change, so a resume checkpoint leaves them out.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from trainer.config import TrainConfig
@@ -70,3 +73,25 @@ def load_named_parameters(module: torch.nn.Module, tensors: dict[str, torch.Tens
         if p.shape != tensors[name].shape:
             raise ValueError(f"{what}.{name}: saved shape {tuple(tensors[name].shape)}, model {tuple(p.shape)}")
         p.copy_(tensors[name])
+
+
+@contextlib.contextmanager
+def base_model_weights(trainer) -> Iterator[None]:
+    """The base model's own weights in a full fine-tune's trained modules (and no EMA swap) for the
+    block, the trained ones back afterwards: what a LoRA gets from disabling its adapters. Before
+    the first step the model is the base model already; later the base weights are read again."""
+    if trainer.global_step == 0:
+        yield
+        return
+    from trainer.model_loading import load_sd_components
+
+    base = load_sd_components(trainer.cfg.base_model)
+    train_te = trainer.cfg.train_text_encoder
+    saved = trained_weights(trainer.models, train_te)
+    ema, trainer.ema = trainer.ema, None
+    load_trained_weights(trainer.models, train_te, trained_weights(base, train_te))
+    try:
+        yield
+    finally:
+        load_trained_weights(trainer.models, train_te, saved)
+        trainer.ema = ema
