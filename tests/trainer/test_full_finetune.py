@@ -164,3 +164,15 @@ def test_ema_values_are_checked(tiny_sd_dir, demo_dataset):
         _cfg(tiny_sd_dir, demo_dataset, ema_decay=1.0)
     with pytest.raises(TrainConfigError, match="method"):
         _cfg(tiny_sd_dir, demo_dataset, method="dreambooth")
+
+
+def test_cli_exports_a_full_finetune_as_single_file_and_folder(tiny_sd_dir, demo_dataset, tmp_path):
+    from trainer.__main__ import OutputOptions, train_and_export
+
+    cfg = _cfg(tiny_sd_dir, demo_dataset, max_train_steps=1, lr_scheduler="constant", lr_warmup_steps=0,
+               train_text_encoder=False)
+    written = train_and_export(cfg, OutputOptions(dir=str(tmp_path), name="ft", format="both"))
+    assert written == [tmp_path / "diffusers", tmp_path / "ft.safetensors"]
+    with safe_open(str(tmp_path / "ft.safetensors"), framework="pt") as f:
+        assert f.metadata()["lorasweep_step"] == "1" and any(k.startswith("model.diffusion_model.") for k in f.keys())
+    assert (tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
