@@ -11,10 +11,16 @@ The GPU-hour figure is an estimate from stated assumptions (printed with it), no
 - SETUP_S per trial for loading the base model and starting the worker;
 - a searched field that changes cost counts at its mean over the space (choice: mean of values,
   int/uniform: midpoint, loguniform: geometric mean); no trial is pruned (an upper bound).
+
+Memory per trial (trainer.memory_estimate: weights, gradients, optimizer states, EMA; activations
+come on top) is given for every combination of the searched values that change it (a range at its
+high end), with a warning for each that the trial's GPU share (gpus_per_trial x
+resources.gpu_memory_gb) cannot hold.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -27,6 +33,9 @@ STEP_S_PER_IMAGE = 0.4  # s per training image per optimizer step, SD 1.x at 512
 SAMPLE_S_PER_UNET_STEP = 0.05  # s per denoising step per image at 512 px with guidance
 SETUP_S = 90.0  # s per trial: worker start, base model load, LoRA setup
 ASSUMED_EPOCH_IMAGES = 300  # images x repeats per epoch when the dataset is not readable (30 images x 10)
+ASSUMED_GPU_MEMORY_GB = 24.0  # A10G / RTX 3090 class, the GPU of the time figures above
+# The TrainConfig fields that change how much memory a trial's parameters take.
+MEMORY_FIELDS = ("method", "train_text_encoder", "use_ema", "optimizer", "mixed_precision", "rank", "target_modules")
 
 
 def _mean(p: ParamSpace) -> float:
@@ -94,6 +103,50 @@ def estimate(spec: SweepSpec) -> dict[str, Any]:
         "wall_hours": trial_h * math.ceil(spec.search.num_trials / spec.search.max_concurrent),
         "notes": notes,
     }
+
+
+def _gpu_memory_gb(spec: SweepSpec) -> tuple[float, str]:
+    if spec.resources.gpu_memory_gb is not None:
+        return spec.resources.gpu_memory_gb, "resources.gpu_memory_gb"
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 1e9, "this machine's GPU"
+    return ASSUMED_GPU_MEMORY_GB, "assumed; set resources.gpu_memory_gb"
+
+
+def _memory_variants(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every combination of the searched values of MEMORY_FIELDS (a range at its high end)."""
+    searched = {k: p for k, p in spec.searched().items() if k in MEMORY_FIELDS}
+    options = {k: (p.values if p.type == "choice" else [p.extremes()[-1]]) for k, p in searched.items()}
+    return [dict(zip(options, combo)) for combo in itertools.product(*options.values())]
+
+
+def memory_lines(spec: SweepSpec) -> list[str]:
+    """`memory per trial ...` lines, and a `warning:` for each variant its GPU share cannot hold."""
+    from trainer.config import TrainConfigError
+    from trainer.memory_estimate import GB, estimate_memory
+
+    gpus = spec.resources.gpus_per_trial
+    per_gpu, how = _gpu_memory_gb(spec)
+    share = gpus * per_gpu
+    lines = []
+    for variant in _memory_variants(spec):
+        try:
+            est = estimate_memory(spec.train_config(variant), on_cuda=gpus > 0)
+        except (TrainConfigError, ValueError) as err:  # a combination the trial itself refuses
+            lines.append(f"memory per trial ({_variant(variant)}): not estimated ({str(err).splitlines()[-1].strip()})")
+            continue
+        lines.append(f"memory per trial ({_variant(variant)}): {est.describe()}; from {est.architecture}")
+        if gpus and est.total > share * GB:
+            lines.append(f"warning: a trial with {_variant(variant)} needs {est.total / GB:.1f} GB for its parameters "
+                         f"alone, more than its GPU share of {share:.1f} GB ({gpus:g} x {per_gpu:.0f} GB, {how}); use "
+                         "adamw8bit, fewer trained parts, a LoRA, or more GPU memory per trial")
+    return lines
+
+
+def _variant(variant: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in variant.items()) or "as fixed"
 
 
 def _describe_param(name: str, p: ParamSpace) -> str:
@@ -196,6 +249,7 @@ def describe_sweep(spec: SweepSpec) -> str:
                  "setup per trial; no pruning (an upper bound)")
     if spec.base_model.startswith("builtin:"):
         lines.append(f"note: {spec.base_model} is a tiny test model; the per-step figures are for SD 1.x")
+    lines += memory_lines(spec)
     # The dry run may be made on a machine that is not the cluster's: what is missing here is a
     # warning, not an error (the sweep itself refuses it).
     lines += [f"warning: {problem}" for problem in input_problems(spec, local=False)]

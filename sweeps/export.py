@@ -10,6 +10,11 @@ Layout in the sweep's folder (local or remote storage):
                                                     best_samples.png: labelled rows for the base model, the
                                                     winner and the worst trial, same prompts and seeds
 
+A full fine-tune (`method: full`) exports a whole model instead, built from its checkpoint's trained
+(EMA) weights on the base model (trainer.full_export): `model.safetensors`, one original-layout
+checkpoint as UIs load it (the `kohya` format's place: the file UIs read; always written, it is
+best.safetensors), and with the `diffusers` format `model/`, a diffusers pipeline folder.
+
 Multi-objective sweeps export their Pareto front instead of a top-k. Every file is written atomically.
 """
 
@@ -28,6 +33,7 @@ from sweeps.results import (
     LORA_KOHYA,
     SAMPLES_FILE,
     SHOWN_METRICS,
+    STATE_DIR,
     TRIAL_INFO,
     TrialRecord,
     load_records,
@@ -40,6 +46,7 @@ from sweeps.spec_schema import SweepSpec
 EXPORT_DIR = "export"
 MANIFEST = "manifest.json"
 LAYOUT_FILES = {"kohya": LORA_KOHYA, "diffusers": LORA_DIFFUSERS}
+FULL_MODEL_FILES = {"kohya": "model.safetensors", "diffusers": "model"}  # a full fine-tune's export
 
 
 class ExportError(RuntimeError):
@@ -126,7 +133,7 @@ def export_sweep(spec: SweepSpec, records: list[TrialRecord] | None = None, run=
     from sweeps.tracking import log_winner
 
     # The artifact mirrors the sweep folder (export/manifest.json + export/rank1/...) so pull verifies it the same way.
-    log_winner(spec, {**{f"{EXPORT_DIR}/rank1/{p.name}": p for p in best_files},
+    log_winner(spec, {**best_files,
                       f"{EXPORT_DIR}/{MANIFEST}": _local_manifest(staging, manifest)}, manifest["entries"][0], run=run)
     shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(best=best, manifest=manifest, manifest_uri=manifest_uri)
@@ -139,11 +146,15 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
     with cand.checkpoint.as_directory() as src:
         src = Path(src)
         trial = json.loads((src / TRIAL_INFO).read_text())
-        files = {fmt: name for fmt, name in LAYOUT_FILES.items() if fmt in spec.export.formats and (src / name).is_file()}
-        if not files:
-            raise ExportError(f"{cand.checkpoint.path}: the checkpoint holds none of the formats {spec.export.formats}")
-        for name in [*files.values(), SAMPLES_FILE]:
-            shutil.copyfile(src / name, local / name)
+        if spec.train_config(trial["params"]).method == "full":
+            files = _export_full_model(spec, trial, src, local)
+        else:
+            files = {fmt: name for fmt, name in LAYOUT_FILES.items() if fmt in spec.export.formats and (src / name).is_file()}
+            if not files:
+                raise ExportError(f"{cand.checkpoint.path}: the checkpoint holds none of the formats {spec.export.formats}")
+            for name in files.values():
+                shutil.copyfile(src / name, local / name)
+        shutil.copyfile(src / SAMPLES_FILE, local / SAMPLES_FILE)
     info = {
         "sweep": spec.name,
         "rank": rank,
@@ -159,9 +170,33 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
     }
     (local / "info.json").write_text(json.dumps(info, indent=2, default=str))
     rel_files = {**info["formats"], "samples": f"{rel_dir}/{SAMPLES_FILE}", "info": f"{rel_dir}/info.json"}
-    for rel in rel_files.values():
-        _put(local / Path(rel).name, root, rel, hashes)
+    for rel, path in _files_of(local, rel_dir, rel_files.values()).items():
+        _put(path, root, rel, hashes)
     return {k: info[k] for k in ("rank", "trial_id", "params", "objectives", "step")} | {"files": rel_files}
+
+
+def _export_full_model(spec: SweepSpec, trial: dict, src: Path, local: Path) -> dict[str, str]:
+    """A full fine-tune's model from its checkpoint: the single file always, the folder with `diffusers`."""
+    from trainer.full_export import export_checkpoint
+
+    folder = local / FULL_MODEL_FILES["diffusers"] if "diffusers" in spec.export.formats else None
+    meta = {"lorasweep_sweep": spec.name, "lorasweep_trial": str(trial.get("trial_id")),
+            "lorasweep_step": str(trial["metrics"].get("step")), "lorasweep_params": json.dumps(trial["params"], default=str)}
+    export_checkpoint(spec.base_model, src / STATE_DIR, folder=folder, single_file=local / FULL_MODEL_FILES["kohya"],
+                      metadata=meta)
+    return {fmt: name for fmt, name in FULL_MODEL_FILES.items() if fmt == "kohya" or folder is not None}
+
+
+def _files_of(local: Path, rel_dir: str, rels) -> dict[str, Path]:
+    """{relative path in the sweep: local file} of each exported file; a folder gives each file in it."""
+    out = {}
+    for rel in rels:
+        path = local / Path(rel).relative_to(rel_dir)
+        if path.is_dir():
+            out.update({f"{rel}/{p.relative_to(path).as_posix()}": p for p in sorted(path.rglob("*")) if p.is_file()})
+        else:
+            out[rel] = path
+    return out
 
 
 def _row_label(kind: str, cand: Candidate, spec: SweepSpec) -> str:
@@ -201,7 +236,7 @@ def _comparison(spec: SweepSpec, best: Candidate, worst: Candidate | None, root:
 
 
 def _export_best(spec: SweepSpec, entry: dict, root: str, staging: Path, hashes: dict, comparison: Path,
-                 bill: dict) -> list[Path]:
+                 bill: dict) -> dict[str, Path]:
     local = staging / f"rank{entry['rank']}"
     fmt = "kohya" if "kohya" in entry["files"] else "diffusers"
     info = json.loads((local / "info.json").read_text())
@@ -213,7 +248,7 @@ def _export_best(spec: SweepSpec, entry: dict, root: str, staging: Path, hashes:
     (staging / "best.json").write_text(json.dumps(info, indent=2, default=str))
     for name in ("best.safetensors", "best_samples.png", "best.json"):
         _put(staging / name, root, name, hashes)
-    return [local / Path(rel).name for rel in entry["files"].values()]
+    return _files_of(local, f"{EXPORT_DIR}/rank{entry['rank']}", entry["files"].values())
 
 
 def _local_manifest(staging: Path, manifest: dict) -> Path:

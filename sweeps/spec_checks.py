@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from evaluator.ground_truth import GROUND_TRUTH_METRICS
 from evaluator.judge_metrics import JUDGE_METRICS
 from evaluator.metrics import GOOD_DIRECTION, OBJECTIVE_COMPONENTS, REPORTED_METRICS, ObjectiveWeights
 from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
@@ -34,12 +35,14 @@ from trainer.validation import VALIDATION_METRICS
 
 # What a trial reports and an objective may name: the training loss, the evaluator's scores, the
 # trainer's validation loss, with `eval.oracle: toy_world` the oracle's and with a judge configured its metric.
-TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS)
+TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS,
+                 *GROUND_TRUTH_METRICS)
 # The better mode of the trial metrics that have one in every sweep (losses and distances down,
 # scores and accuracies up): an objective asking the other way would search, prune and export
 # for the worst trials.
 GOOD_MODES = {**GOOD_DIRECTION, **dict.fromkeys(("loss", *VALIDATION_METRICS), "min"),
-              **dict.fromkeys((*ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS), "max")}
+              **dict.fromkeys((*ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS, "gt_clip_t"), "max"),
+              **dict.fromkeys(("gt_lpips", "gt_fd", "gt_kid", "gt_cmmd"), "min")}
 # Each judge's metric, its `evaluator.<key>`, and what to give there.
 JUDGES = {"dino_i": ("dino", "the folder of a local DINO/DINOv2 model, config.json + model.safetensors"),
           "aesthetic": ("aesthetic", "a LAION aesthetic head file, .pth or .safetensors, for the evaluator's CLIP model")}

@@ -91,6 +91,20 @@ class ParamSpace(_Strict):
         return {k: (v if isinstance(v, list) else [v]) for k, v in (self.when or {}).items()}
 
 
+class GroundTruthSpec(_Strict):
+    """Held-out (caption, truth image) pairs (evaluator.ground_truth): every evaluation samples each
+    caption once at `seed` and scores the images against the truth (LPIPS, FD/KID/CMMD on CLIP
+    features, CLIP-T); the base model's scores come once per sweep as the reference row (base_gt_*)."""
+
+    folder: str = Field(description="An imagefolder of truth images with metadata.jsonl (file_name, text): a test "
+                        "split, or a folder of its own; relative to the working directory.")
+    seed: int = Field(0, ge=0, description="The one seed of every caption's image.")
+    lpips_net: Literal["alex", "vgg", "squeeze"] = Field("alex", description="LPIPS backbone.")
+    lpips_weights: str | None = Field(
+        None, description="The backbone's torchvision weights file (e.g. alexnet-owt-7be5be79.pth); None: torch's "
+        "hub cache (<torch hub dir>/checkpoints/), where torchvision's download puts it.")
+
+
 class EvalSpec(_Strict):
     """What each trial is scored on."""
 
@@ -102,6 +116,7 @@ class EvalSpec(_Strict):
     prompts: list[str] = Field(default_factory=list, description="Prompts; `{trigger}` is replaced by the trigger word.")
     seeds: list[int] = Field([0, 1], min_length=1, description="Each prompt is sampled once per seed.")
     class_word: str | None = Field(None, description="Fills `{class}` in prompts (e.g. `outfit`, `dog`).")
+    ground_truth: GroundTruthSpec | None = Field(None, description="Held-out pairs to score against (see GroundTruthSpec).")
     oracle: Literal["toy_world"] | None = Field(
         None, description="`toy_world`: also score every evaluation with the toy world's exact pixel oracle "
         "(concept_accuracy, concept_color_rate, prior_accuracy). Only for the built-in toy world: real "
@@ -187,7 +202,10 @@ class TrackingSpec(_Strict):
 
 class ExportSpec(_Strict):
     top_k: int = Field(1, ge=1, description="How many of the best LoRAs to export.")
-    formats: list[Literal["kohya", "diffusers"]] = Field(["kohya", "diffusers"], min_length=1)
+    formats: list[Literal["kohya", "diffusers"]] = Field(
+        ["kohya", "diffusers"], min_length=1, description="LoRA trials: the kohya file (UIs) and diffusers' file. "
+        "Full fine-tunes (method full): always model.safetensors, the single-file checkpoint UIs load; "
+        "with diffusers also model/, a diffusers pipeline folder.")
 
 
 class StudySpec(_Strict):
@@ -204,6 +222,9 @@ class FailureSpec(_Strict):
 class ResourcesSpec(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GB, for --dry-run's memory check (a trial's share is "
+        "gpus_per_trial x this); None: this machine's first GPU, or 24 (A10G/3090 class) without one.")
     start_timeout_s: float = Field(
         300.0, gt=0, description="On a cluster: stop the sweep when no trial has started after this many "
         "seconds (no node offers a trial's resources and the autoscaler added none).")

@@ -83,7 +83,14 @@ def reference_path(plan: TrialPlan, key: str) -> str:
 @contextlib.contextmanager
 def adapters_disabled(trainer: LoraTrainer):
     """The base model: every LoRA adapter of the trainer off (peft's `disable_adapters`), and every
-    parameter's requires_grad as it was afterwards (peft switches the adapters' off)."""
+    parameter's requires_grad as it was afterwards (peft switches the adapters' off). A full
+    fine-tune has no adapters: its base weights are put in instead (trainer.full_finetune)."""
+    if trainer.cfg.method == "full":
+        from trainer.full_finetune import base_model_weights
+
+        with base_model_weights(trainer):
+            yield
+        return
     modules = [trainer.models.unet] + ([trainer.models.text_encoder] if trainer.cfg.train_text_encoder else [])
     grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     for m in modules:

@@ -27,6 +27,7 @@ from evaluator.remote import score_remote
 from sweeps import storage
 from sweeps.eval_images import save_eval_images
 from sweeps.evaluator_placement import connect_replica, served_locally
+from sweeps.ground_truth_scoring import make_ground_truth_scorer
 from sweeps.results import BASE_SAMPLES, FAILED_KEY, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, SAMPLES_FILE, STATE_DIR, TRIAL_INFO  # noqa: F401
 from sweeps.sample_grids import save_grid
 from sweeps.shared_folders import fetch
@@ -88,9 +89,12 @@ def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, st
     resumed_from = _restore(trainer)
     state["step"] = trainer.global_step
     scorer = make_suite_scorer(plan, trainer) or make_scorer(plan)
+    ground_truth = make_ground_truth_scorer(plan)  # None without eval.ground_truth
     prompts, seeds = plan.prompts, plan.seeds
     if trainer.global_step == 0:
         _save_base_samples(trainer, plan.sweep_uri, prompts, seeds)
+        if ground_truth is not None:
+            ground_truth.ensure_base(trainer)
     tracker = _tracker(plan.tracking, params, trial_id)
     # From the trial's start to its first training step: what a pruned trial pays before it learns.
     startup = {"startup_s": time.perf_counter() - started, "warm_start": float(base.warm)}
@@ -105,6 +109,8 @@ def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, st
             if plan.oracle == "toy_world":  # exact scores that only the toy world has
                 scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
                           **heldout_scores(trainer.sample, plan.trigger_word)}
+            if ground_truth is not None:
+                scores = {**scores, **ground_truth(trainer)}
             metrics = {**_metrics(trainer, history, scores, resumed_from), **startup}
             state["step"] = trainer.global_step
             save_eval_images(plan.sweep_uri, trial_id, trainer.global_step, images)  # the report's steps grid
@@ -156,6 +162,7 @@ def _metrics(trainer: LoraTrainer, history: list[dict], scores: dict, resumed_fr
         **{k: float(v) for k, v in scores.items() if np.isscalar(v)},
         # The objective split over the suite's items (prompt x seed): the wilcoxon pruner's paired test.
         **({"objective_items": scores["objective_items"]} if "objective_items" in scores else {}),
+        **{k: scores[k] for k in ("gt_lpips_items", "base_gt_lpips_items") if k in scores},  # LPIPS per image
     }
 
 
@@ -172,7 +179,16 @@ def _report(trainer, plan: TrialPlan, params, metrics, images, prompts, seeds) -
 
 
 def save_loras(trainer: LoraTrainer, plan: TrialPlan, params: dict, folder: Path) -> None:
-    """Both layouts into every checkpoint, so export only copies files (no model needed there)."""
+    """Both layouts into every checkpoint, so export only copies files (no model needed there); with
+    EMA, the averaged LoRA. A full fine-tune writes none: its checkpoint's state holds the trained
+    weights (and EMA), which export puts into the base model (trainer.full_export)."""
+    if trainer.cfg.method == "full":
+        return
+    with trainer.eval_weights():
+        _save_lora_files(trainer, plan, params, folder)
+
+
+def _save_lora_files(trainer: LoraTrainer, plan: TrialPlan, params: dict, folder: Path) -> None:
     te = trainer.models.text_encoder if trainer.cfg.train_text_encoder else None
     extra = {"text_encoder": te} if te is not None else {}
     save_lora_diffusers(trainer.models.unet, folder / LORA_DIFFUSERS, **extra)

@@ -56,6 +56,7 @@ class TrialPlan:
     evaluator_local_wait_s: float = 60.0  # `evaluator.placement.local_wait_s`
     shared: tuple = ()  # sweeps.shared_folders.SharedFolder: what a trial fetches from remote storage
     objective_metrics: tuple[str, ...] = ()  # the spec's objectives (a failed trial's result names them)
+    ground_truth: dict | None = None  # sweeps.ground_truth_scoring.plan_entry(spec): pairs, seed, LPIPS backbone
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
@@ -85,6 +86,10 @@ def input_problems(spec: SweepSpec, local: bool) -> list[str]:
 
         problems += [f"evaluator.{key}: {msg}" for key, msg in
                      judge_problems(paths["dino"], paths["aesthetic"], spec.evaluator.model).items()]
+    if spec.eval.ground_truth is not None:
+        from sweeps.ground_truth_scoring import ground_truth_problems
+
+        problems += ground_truth_problems(spec.eval.ground_truth)
     if local:
         import torch
 
@@ -136,6 +141,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True, addr
         objective_weights=spec.objective_weights(), objective_metrics=tuple(o.metric for o in spec.objectives),
         evaluator_local_wait_s=spec.evaluator.placement.local_wait_s,
         evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
+        ground_truth=_ground_truth_entry(spec),
     )
 
 
@@ -143,6 +149,12 @@ def _absolute_folders(fixed: dict[str, Any]) -> dict[str, str]:
     """The class and validation folders made absolute (relative to the working directory, as the
     dataset), so that a trial's worker, started elsewhere, reads the same files."""
     return {k: str(Path(fixed[k]).expanduser().resolve()) for k in ("class_data_dir", "validation_dir") if fixed.get(k)}
+def _ground_truth_entry(spec: SweepSpec) -> dict | None:
+    if spec.eval.ground_truth is None:
+        return None
+    from sweeps.ground_truth_scoring import plan_entry
+
+    return plan_entry(spec.eval.ground_truth)
 
 
 def _resolved_base_model(base_model: str) -> str:

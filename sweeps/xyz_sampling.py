@@ -104,6 +104,8 @@ def sample_entry(spec: SweepSpec, entry: dict, models, limit: int = ROW_ITEMS) -
     root = sweep_uri(spec)
     info = json.loads(storage.read_text(storage.join(root, entry["files"]["info"])))
     cfg = spec.train_config(info["params"])
+    if cfg.method == "full":  # no LoRA to scale: the export is a whole model
+        return {}
     place_base_models(models, cfg, default_device())
     prompts, seeds = info["prompts"], info["seeds"]
     kinds = suite_kinds(spec, prompts, seeds)

@@ -118,6 +118,7 @@ def test_the_known_files_are_found_and_classified():
     kinds = {str(p.relative_to(ROOT)): check_file(p) for p in SHIPPED}
     expected = {
         "search.yaml": "sweep", "examples/demo.yaml": "sweep", "examples/pareto_demo.yaml": "sweep",
+        "examples/finetune.yaml": "sweep", "examples/finetune_sd15.yaml": "sweep",
         "examples/train.yaml": "train", "examples/suites/default.yaml": "suite", "examples/suites/demo.yaml": "suite",
         "examples/suites/clothing.yaml": "suite", "cluster.yaml": "cluster", "cluster-onprem.yaml": "cluster",
     }

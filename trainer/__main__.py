@@ -35,7 +35,8 @@ class OutputOptions(BaseModel):
     dir: str = Field("runs/train", description="Output folder (created).")
     name: str = Field("lora", min_length=1, description="File stem and ss_output_name of the LoRA.")
     format: Literal["kohya", "diffusers", "both"] = Field(
-        "kohya", description="kohya: A1111/ComfyUI/diffusers-loadable; diffusers: pytorch_lora_weights layout."
+        "kohya", description="kohya: A1111/ComfyUI/diffusers-loadable; diffusers: pytorch_lora_weights layout. "
+        "method full: kohya = <name>.safetensors, one single-file (LDM) checkpoint; diffusers = a diffusers/ folder."
     )
     scale: float = Field(1.0, gt=0, description="Strength baked into the kohya file (up weights x scale).")
 
@@ -133,7 +134,6 @@ def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = Fa
     from tqdm import tqdm
 
     from trainer.checkpoint import load_checkpoint, save_checkpoint
-    from trainer.export import kohya_metadata, save_lora_diffusers, save_lora_kohya
     from trainer.loop import LoraTrainer
     from trainer.model_loading import load_sd_components
     from trainer.preparation import prepare
@@ -163,6 +163,24 @@ def train_and_export(cfg: TrainConfig, options: OutputOptions, resume: bool = Fa
     finally:
         bar.close()
     save_checkpoint(trainer, ckpt_root / f"step-{trainer.global_step}")
+    if cfg.method == "full":  # a whole model: <name>.safetensors (single file, UIs) and diffusers/ (a pipeline folder)
+        return _export_full(trainer, out, options)
+    with trainer.eval_weights():  # the EMA's LoRA when on
+        return _export_lora(trainer, cfg, prepared, out, options, started)
+
+
+def _export_full(trainer, out: Path, options: OutputOptions) -> list[Path]:
+    from trainer.full_export import export_trainer
+
+    folder = out / "diffusers" if options.format in ("diffusers", "both") else None
+    single = out / f"{options.name}.safetensors" if options.format in ("kohya", "both") else None
+    export_trainer(trainer, folder, single, metadata={"lorasweep_step": str(trainer.global_step)})
+    return [p for p in (folder, single) if p is not None]
+
+
+def _export_lora(trainer, cfg: TrainConfig, prepared, out: Path, options: OutputOptions, started: str) -> list[Path]:
+    from trainer.export import kohya_metadata, save_lora_diffusers, save_lora_kohya
+
     te = trainer.models.text_encoder if cfg.train_text_encoder else None
     written = []
     if options.format in ("diffusers", "both"):

@@ -100,7 +100,8 @@ class ClassSamplingConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """One LoRA training run. Units are given per field; defaults suit SD 1.5 at 512 px."""
+    """One training run (a LoRA, or a full fine-tune with `method: full`). Units are given per field;
+    defaults suit SD 1.5 at 512 px."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -161,9 +162,11 @@ class TrainConfig(BaseModel):
     )
     train_batch_size: int = Field(1, ge=1, le=256, description="Images per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=128, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="UNet LoRA learning rate.")
+    learning_rate: float = Field(
+        1e-4, gt=0, le=1.0, description="UNet learning rate (its LoRA, or its own weights with method full; "
+        "1e-5 is usual for a full fine-tune).")
     text_encoder_lr: float | None = Field(
-        None, gt=0, le=1.0, description="Text-encoder LoRA learning rate; None = learning_rate."
+        None, gt=0, le=1.0, description="Text-encoder learning rate (LoRA or full); None = learning_rate."
     )
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="adamw (torch) or adamw8bit (bitsandbytes, CUDA only)."
@@ -179,6 +182,30 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (L2 over all LoRA params).")
     checkpoint_interval: int = Field(0, ge=0, description="Steps between checkpoints; 0 = off.")
 
+    # --- method -----------------------------------------------------------------------------
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: train LoRA layers on the frozen model; full: train the UNet's own weights "
+        "(and the text encoder's with train_text_encoder), as diffusers' train_text_to_image does. The LoRA "
+        "fields (rank, alpha, lora_dropout, target_modules) are unused with full.",
+    )
+
+    # --- EMA of the trained weights (trainer.ema: diffusers' EMAModel) ---------------------------
+    use_ema: bool = Field(
+        False, description="Keep an exponential moving average of the trained weights; evaluation, val_loss and "
+        "export then use the averaged weights.")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA's largest decay per update (EMAModel decay).")
+    ema_min_decay: float = Field(0.0, ge=0, lt=1, description="EMA's smallest decay per update.")
+    ema_update_after_step: int = Field(
+        0, ge=0, description="EMA updates that only copy the weights before averaging starts (EMAModel "
+        "update_after_step; counted in EMA updates).")
+    ema_warmup: bool = Field(
+        False, description="Decay 1 - (1 + n)^-ema_warmup_power after n EMA updates (EMAModel use_ema_warmup); "
+        "otherwise (1 + n) / (10 + n); either capped at ema_decay.")
+    ema_warmup_power: float = Field(2 / 3, gt=0, le=1, description="Power of the EMA warm-up (2/3 for long runs, "
+                                    "3/4 for short ones).")
+    ema_update_interval: int = Field(
+        1, ge=1, description="Optimizer steps between EMA updates (1 = every step; larger saves time on big models).")
+
     # --- LoRA -------------------------------------------------------------------------------
     rank: int = Field(4, ge=1, le=1024, description="LoRA rank (network dim).")
     alpha: float | None = Field(
@@ -188,7 +215,8 @@ class TrainConfig(BaseModel):
     target_modules: Literal["attention", "attention_mlp", "all"] = Field(
         "attention", description="attention: q/k/v/out; attention_mlp: + feed-forward; all: + ResNet convs."
     )
-    train_text_encoder: bool = Field(False, description="Also train LoRA layers in the CLIP text encoder.")
+    train_text_encoder: bool = Field(
+        False, description="Also train the CLIP text encoder: its LoRA layers, or (method full) its own weights.")
 
     # --- conditioning and loss --------------------------------------------------------------
     clip_skip: int = Field(1, ge=1, le=12, description="AUTOMATIC1111 convention: 1 = off, 2 = penultimate layer.")
@@ -267,6 +295,8 @@ class TrainConfig(BaseModel):
         if self.cache_latents and not self.center_crop:
             out.append(("cache_latents", "random crops (center_crop: false) cannot be cached; set center_crop: true "
                                          "or cache_latents: false"))
+        if self.use_ema and self.ema_min_decay > self.ema_decay:
+            out.append(("ema_min_decay", f"{self.ema_min_decay} exceeds ema_decay {self.ema_decay}"))
         if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
             out.append(("optimizer", "adamw8bit needs bitsandbytes (CUDA only): `pip install bitsandbytes`, or use adamw"))
         return out

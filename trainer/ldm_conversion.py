@@ -1,9 +1,12 @@
 """diffusers SD 1.x weights -> one original-SD (LDM) checkpoint, the layout of
 `v1-5-pruned-emaonly.safetensors` that AUTOMATIC1111 and ComfyUI load.
 
-Used to export a fused LoRA as a single-file checkpoint and to build the tiny SD's single-file
-variant. diffusers converts only the other way (`from_single_file`), so the key map is ours;
-tests check it round-trips through diffusers' own loader.
+Used to export a fused LoRA or a full fine-tune as a single-file checkpoint and to build the tiny
+SD's single-file variant. diffusers converts only the other way (`from_single_file`), so the key
+map is ours. It follows the diffusers config (levels, layers per block, which levels attend), so
+any SD 1.x UNet converts, SD 1.5's own 4-level layout included; VAE folders saved by older
+diffusers (`query`/`key`/`value`/`proj_attn` attention names) convert too. Tests check SD 1.5's
+key names and the round trip through diffusers' own loader.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ _UNET_RESNET = {
     "time_emb_proj": "emb_layers.1",
     "conv_shortcut": "skip_connection",
 }
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+# Attention names of the VAE's mid block, current diffusers and (before 0.14) legacy.
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
 
 
 def _rename_resnet(rest: str, table: dict[str, str]) -> str:
@@ -87,7 +92,8 @@ def vae_key_to_ldm(key: str, num_blocks: int) -> str:
         return f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_resnet(m[3], {'conv_shortcut': 'nin_shortcut'})}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_[qkv]|to_out\.0)\.(.+)", key):
+    attn = "|".join(re.escape(name) for name in _VAE_ATTN)
+    if m := re.fullmatch(rf"(encoder|decoder)\.mid_block\.attentions\.0\.({attn})\.(.+)", key):
         return f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
     if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(post_)?quant_conv\..+", key):
         return key
@@ -123,6 +129,15 @@ def diffusers_to_ldm_state_dict(
         # transformers 5 saves CLIPTextModel flattened; checkpoints keep the 4.x `text_model.` level.
         out["cond_stage_model.transformer.text_model." + k.removeprefix("text_model.")] = v
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def modules_to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """The loaded models (diffusers UNet and AutoencoderKL, transformers CLIPTextModel) as one SD 1.x
+    checkpoint state dict: what a full fine-tune exports, without writing a diffusers folder first."""
+    return diffusers_to_ldm_state_dict(
+        unet=unet.state_dict(), vae=vae.state_dict(), text_encoder=text_encoder.state_dict(),
+        unet_config=dict(unet.config), vae_config=dict(vae.config),
+    )
 
 
 def diffusers_folder_to_ldm_state_dict(folder: Path | str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,7 @@
-"""The LoRA training loop, in plain phases: prepare, setup, step, evaluate (sample), save, restore.
+"""The training loop, in plain phases: prepare, setup, step, evaluate (sample), save, restore.
+
+A LoRA by default; `method: full` trains the model's own weights (trainer.full_finetune), and
+`use_ema` averages whatever trains (trainer.ema).
 
 Knows nothing of Ray or W&B: callers drive it step by step and read metrics from a callback.
 """
@@ -20,6 +23,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from trainer.cache import ensure_latent_cache, ensure_text_cache
 from trainer.config import TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES, TrainConfig, TrainConfigError
 from trainer.dataset_layouts import Example
+from trainer.ema import TrainedWeightsEMA
+from trainer.full_finetune import load_trained_weights, setup_full_finetune, trained_parameters, trained_weights
 from trainer.images import load_image
 from trainer.losses import diffusion_target, per_sample_loss
 from trainer.model_loading import SDComponents, load_sd_components
@@ -43,7 +48,8 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 class LoraTrainer:
-    """One LoRA run on an SD 1.x UNet (and optionally its text encoder). `step()` is one optimizer step.
+    """One run on an SD 1.x UNet (and optionally its text encoder): LoRA layers, or the model's own
+    weights with `method: full`. `step()` is one optimizer step.
 
     Phases: the constructor is cheap (it checks the config against the device); `setup()`
     loads the base model, runs `prepare` (skipped when a `Prepared` is given: then the dataset is
@@ -86,7 +92,10 @@ class LoraTrainer:
         self.target_sizes = self.data.target_sizes(cfg)
         self.latent_cache, self.text_cache = self._setup_caches()
         torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG
-        self._setup_lora()
+        if cfg.method == "full":
+            setup_full_finetune(self.models, cfg)
+        else:
+            self._setup_lora()
         self.sampler = BucketBatchSampler(bucket_ids(self.data.examples, self.target_sizes), cfg.train_batch_size, cfg.seed)
         self.class_sampler = EpochSampler(len(self.data.class_examples), cfg.seed + 1) if self.data.class_examples else None
         self.steps_per_epoch = math.ceil(self.sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -95,6 +104,7 @@ class LoraTrainer:
         self.np_rng = np.random.default_rng(cfg.seed)  # flips and random crops
         self.caption_rng = np.random.default_rng([cfg.seed, 1])  # caption dropout
         self.optimizer = self._make_optimizer()
+        self.ema = TrainedWeightsEMA(cfg, trained_parameters(self.models, cfg.train_text_encoder)) if cfg.use_ema else None
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer=self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
             num_training_steps=self.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
@@ -255,6 +265,8 @@ class LoraTrainer:
         lrs = self.lr_scheduler.get_last_lr()
         self.lr_scheduler.step()
         self.global_step += 1
+        if self.ema is not None:
+            self.ema.after_step(self.global_step)
         seconds = time.perf_counter() - start
         metrics = {
             "step": self.global_step,
@@ -268,6 +280,8 @@ class LoraTrainer:
             metrics["lr_text_encoder"] = lrs[1]
         if self.class_sampler is not None:
             metrics["prior_loss"] = prior_value
+        if self.ema is not None and self.ema.decay is not None:
+            metrics["ema_decay"] = self.ema.decay
         return metrics
 
     def train(self, num_steps: int | None = None, callback: MetricsCallback | None = None) -> list[dict]:
@@ -283,6 +297,10 @@ class LoraTrainer:
         return history
 
     # --- evaluate -------------------------------------------------------------------------
+    def eval_weights(self):
+        """A context with the weights that evaluation and export use: the EMA's when on."""
+        return self.ema.averaged() if self.ema is not None else contextlib.nullcontext()
+
     def sample(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         from trainer.sampling import sample_images
 
@@ -290,7 +308,7 @@ class LoraTrainer:
         m.unet.eval()
         m.text_encoder.eval()
         try:
-            with self._autocast() if self.device.type == "cuda" else contextlib.nullcontext():
+            with self.eval_weights(), self._autocast() if self.device.type == "cuda" else contextlib.nullcontext():
                 return sample_images(m, prompts, seeds, self.cfg.clip_skip, self.cfg.resolution, self.cfg.sampling)
         finally:
             m.unet.train()
@@ -302,7 +320,8 @@ class LoraTrainer:
         timesteps, noise and latent samples; eval mode, no gradients, no draw from the training RNGs."""
         if self._validation is None:
             self._validation = ValidationLoss(self)
-        return self._validation()
+        with self.eval_weights():
+            return self._validation()
 
     def evaluate(self) -> np.ndarray:
         """The validation images of cfg.sampling (prompts at their seeds), NHWC uint8."""
@@ -312,6 +331,8 @@ class LoraTrainer:
     # --- save / restore -------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """peft-format UNet LoRA weights (keys without the adapter name)."""
+        if self.cfg.method != "lora":
+            raise TypeError(f"method {self.cfg.method!r} trains no LoRA; use trained_weights()")
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.models.unet).items()}
 
     def text_encoder_lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -320,11 +341,20 @@ class LoraTrainer:
             return {}
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.models.text_encoder).items()}
 
+    def trained_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a `method: full` run trains ({"unet": ..., "text_encoder": ...}, trainer.full_finetune)."""
+        return trained_weights(self.models, self.cfg.train_text_encoder)
+
+    def _weights_state(self) -> dict:
+        if self.cfg.method == "full":  # only the trained modules: the VAE and a frozen text encoder never change
+            return {"full": self.trained_weights()}
+        return {"lora": self.lora_state_dict(), "text_encoder_lora": self.text_encoder_lora_state_dict()}
+
     def state_dict(self) -> dict:
-        """Everything that decides the rest of the run: weights, optimizer, schedule, RNGs, data order."""
+        """Everything that decides the rest of the run: weights, EMA, optimizer, schedule, RNGs, data order."""
         return {
-            "lora": self.lora_state_dict(),
-            "text_encoder_lora": self.text_encoder_lora_state_dict(),
+            **self._weights_state(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
@@ -339,9 +369,17 @@ class LoraTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        set_peft_model_state_dict(self.models.unet, state["lora"])
-        if self.cfg.train_text_encoder:
-            set_peft_model_state_dict(self.models.text_encoder, state["text_encoder_lora"])
+        if self.cfg.method == "full":
+            load_trained_weights(self.models, self.cfg.train_text_encoder, state["full"])
+        else:
+            set_peft_model_state_dict(self.models.unet, state["lora"])
+            if self.cfg.train_text_encoder:
+                set_peft_model_state_dict(self.models.text_encoder, state["text_encoder_lora"])
+        if (state.get("ema") is None) != (self.ema is None):
+            raise ValueError(f"the state was saved with use_ema {state.get('ema') is not None}, this trainer has "
+                             f"use_ema {self.ema is not None}")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state.get("grad_scaler"):  # {} (None in older checkpoints) without a loss scaler
