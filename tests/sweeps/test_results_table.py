@@ -78,7 +78,9 @@ def test_start_up_seconds_are_a_column_when_trials_report_them(spec):
     rows = _rows()
     rows[0].startup_s, rows[1].startup_s = 0.4321, 7.5
     header, first, second = _table(rows, spec)
-    assert header[-6:] == ["state", "steps", "wall", "s", "start", "s"]
-    assert first[-4:] == ["complete", "400", "61", "0.4321"] and second[-4:] == ["failed", "10", "3", "7.5"]
+    # The start-up column comes last, after the bill's two (trial-hours, steps not run).
+    assert header[-10:] == ["state", "steps", "wall", "s", "CPU", "h", "not", "run", "start", "s"]
+    assert first[-6:-3] + first[-1:] == ["complete", "400", "61", "0.4321"]
+    assert second[-6:-3] + second[-1:] == ["failed", "10", "3", "7.5"]
     rows[1].startup_s = None  # a trial that never reached its first step
     assert _table(rows, spec)[2][-1] == "-"
