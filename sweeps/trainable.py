@@ -27,6 +27,7 @@ from sweeps.results import BASE_SAMPLES, FAILURES, LORA_DIFFUSERS, LORA_KOHYA, S
 from sweeps.sample_grids import save_grid
 from sweeps.suite_scoring import make_suite_scorer
 from sweeps.trial_plan import TrialPlan
+from sweeps.variant_sampling import make_evaluation
 from toyworld.lora_task import heldout_scores
 from toyworld.oracle import oracle_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -54,7 +55,7 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
     except TrainConfigError as err:
         _fail(failure_record, f"invalid config: {err}", params)
     resumed_from = _restore(trainer)
-    scorer = make_suite_scorer(plan, trainer) or make_scorer(plan)
+    evaluate = make_evaluation(plan, trainer, make_suite_scorer(plan, trainer) or make_scorer(plan))
     prompts, seeds = plan.prompts, plan.seeds
     if trainer.global_step == 0:
         _save_base_samples(trainer, plan.sweep_uri, prompts, seeds)
@@ -65,8 +66,7 @@ def train_trial(params: dict, plan: TrialPlan) -> None:
                 history = trainer.train(plan.eval_interval)
             except TrainingDiverged as err:
                 _fail(failure_record, f"training diverged: {err}", params)
-            images = trainer.sample(prompts, seeds)
-            scores = scorer(images, prompts)
+            images, scores = evaluate(prompts, seeds)  # every variant of the plan (sweeps.variant_sampling)
             if plan.oracle == "toy_world":  # exact scores that only the toy world has
                 scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
                           **heldout_scores(trainer.sample, plan.trigger_word)}

@@ -17,6 +17,7 @@ from typing import Any
 from evaluator.suites import SuiteItem, expand_suite
 from evaluator.tiny import TINY_CLIP_ID, ensure_tiny_clip
 from sweeps.cluster_fit import local_fit_problems
+from sweeps.eval_variants import EvalVariants, plan_variants
 from sweeps.results import sweep_uri
 from sweeps.spec import SpecError
 from sweeps.spec_schema import SweepSpec
@@ -49,6 +50,7 @@ class TrialPlan:
     objective_weights: dict[str, float] | None = None  # `objective.weights` (None: the defaults)
     evaluator_dino: str | None = None  # the optional judges' absolute paths (`evaluator.dino`, `.aesthetic`)
     evaluator_aesthetic: str | None = None
+    eval_variants: EvalVariants | None = None  # guidance scales, LoRA strengths, img2img (None: sample once)
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
@@ -108,6 +110,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True) -> T
         cpus_per_trial=spec.resources.cpus_per_trial,
         objective_weights=spec.objective_weights(),
         evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
+        eval_variants=plan_variants(suite, spec.eval.lora_scales, spec.trigger_word, spec.eval.class_word),
     )
 
 
