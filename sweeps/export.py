@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweeps import storage
+from sweeps.export_strength import lora_scale_record, stamp_files
 from sweeps.results import (
     BASE_SAMPLES,
     LORA_DIFFUSERS,
@@ -140,6 +141,9 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
             raise ExportError(f"{cand.checkpoint.path}: the checkpoint holds none of the formats {spec.export.formats}")
         for name in [*files.values(), SAMPLES_FILE]:
             shutil.copyfile(src / name, local / name)
+    strength = lora_scale_record(spec, cand.metrics)  # eval.lora_scales' best, export.scale (sweeps.export_strength)
+    if strength is not None:
+        stamp_files([local / name for name in files.values()], strength)
     info = {
         "sweep": spec.name,
         "rank": rank,
@@ -152,6 +156,7 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
         "prompts": trial.get("prompts"),
         "seeds": trial.get("seeds"),
         "formats": {fmt: f"{rel_dir}/{name}" for fmt, name in files.items()},
+        **({"lora_scale": strength} if strength is not None else {}),
     }
     (local / "info.json").write_text(json.dumps(info, indent=2, default=str))
     rel_files = {**info["formats"], "samples": f"{rel_dir}/{SAMPLES_FILE}", "info": f"{rel_dir}/info.json"}

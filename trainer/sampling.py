@@ -90,6 +90,13 @@ def sample_images(
     return np.concatenate(out, axis=0)
 
 
+def make_img2img_pipeline(models: SDComponents, sampler: str) -> StableDiffusionImg2ImgPipeline:
+    """diffusers' img2img pipeline `from_pipe` the text-to-image one: the same modules, none loaded again."""
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(make_pipeline(models, sampler))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def fit_image(image: np.ndarray, resolution: int) -> np.ndarray:
     """A uint8 HWC picture center-cropped to a square and resized to `resolution` (as training images are)."""
     fitted = ImageOps.fit(Image.fromarray(image).convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
@@ -116,8 +123,7 @@ def sample_img2img(
     if int(sampling.steps * strength) < 1:
         raise ValueError(f"strength {strength} x {sampling.steps} sampling steps leaves no denoising step; "
                          "raise the strength or sampling.steps")
-    pipe = StableDiffusionImg2ImgPipeline.from_pipe(make_pipeline(models, sampling.sampler))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_img2img_pipeline(models, sampling.sampler)
     device = models.unet.device
     out = []
     for start in range(0, len(prompts), batch_size):
