@@ -25,7 +25,7 @@ def _spec(tiny_sd_dir, demo_dataset, storage, suite, **eval_keys):
     data = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
     data.update(base_model=str(tiny_sd_dir), dataset=str(demo_dataset), storage=str(storage))
     data["eval"] = {"interval": 2, "suite": suite, "class_word": "circle", **eval_keys}
-    data["train"]["max_train_steps"] = 4
+    data["train"].update(max_train_steps=4, sampling={"steps": 4})  # few denoising steps: a fast test
     return parse_spec(data, "test")
 
 
@@ -34,13 +34,15 @@ def init_image(demo_dataset) -> Path:
     return sorted(Path(demo_dataset).rglob("*.png"))[0]
 
 
+SMALL_SUITE = {"seeds": [0], "natural": ["a {trigger} circle"], "no_concept": ["a red square"]}
+
+
 @pytest.fixture(scope="module")
 def variant_setup(tiny_sd_dir, demo_dataset, init_image, tmp_path_factory):
     from evaluator.tiny import ensure_tiny_clip
 
     ensure_tiny_clip()
-    suite = {"seeds": [0], "natural": ["a {trigger} circle"], "no_concept": ["a red square"],
-             "guidance_scales": [5.0, 9.0],
+    suite = {**SMALL_SUITE, "guidance_scales": [5.0, 9.0],
              "img2img": [{"prompt": "a {trigger} square", "init_image": str(init_image), "strengths": [0.25, 1.0]}]}
     spec = _spec(tiny_sd_dir, demo_dataset, tmp_path_factory.mktemp("runs"), suite, lora_scales=[0.5, 1.0])
     plan = build_plan(spec)
@@ -59,8 +61,11 @@ def _counting(trainer, monkeypatch) -> list:
     return calls
 
 
-def test_the_default_suite_samples_once_per_evaluation(tiny_sd_dir, demo_dataset, tmp_path, monkeypatch):
-    spec = _spec(tiny_sd_dir, demo_dataset, tmp_path, str(ROOT / "examples" / "suites" / "demo.yaml"))
+def test_a_suite_without_variants_samples_once_per_evaluation(tiny_sd_dir, demo_dataset, tmp_path, monkeypatch):
+    from evaluator.tiny import ensure_tiny_clip
+
+    ensure_tiny_clip()
+    spec = _spec(tiny_sd_dir, demo_dataset, tmp_path, SMALL_SUITE)
     plan = build_plan(spec)
     assert plan.eval_variants is None
     trainer = LoraTrainer.build(plan.train_config(PARAMS), prepared=plan.prepared)
