@@ -57,7 +57,7 @@ def img2img_step_problems(suite: PromptSuite, steps: int) -> list[str]:
     """A strength that leaves no denoising step at the sampling's steps (diffusers runs
     int(steps x strength) of them)."""
     return [f"img2img[{i}].strengths: {s} x train.sampling.steps {steps} leaves no denoising step; "
-            f"raise the strength to at least {1 / steps:g} or the sampling steps"
+            f"raise the strength to at least {1 / steps:.3g} or the sampling steps"
             for i, p in enumerate(suite.img2img) for s in p.strengths if int(steps * s) < 1]
 
 
