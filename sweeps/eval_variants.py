@@ -65,3 +65,14 @@ def plan_variants(suite: PromptSuite | None, lora_scales: list[float] | None, tr
         return None
     images = {it.init_image: read_init_image(it.init_image) for it in items}
     return EvalVariants(guidance, tuple(lora_scales) if lora_scales else None, items, images or None)
+
+
+def evaluation_cost(suite: PromptSuite | None, lora_scales: list[float] | None, n_items: int, steps: int,
+                    trigger: str | None, class_word: str | None) -> tuple[int, int]:
+    """(images, denoising steps) one evaluation samples: the suite's text-to-image items at each
+    (guidance scale, LoRA strength) pair, and each img2img item for int(steps x strength) steps."""
+    pairs = len(suite.guidance_scales or [None]) if suite is not None else 1
+    pairs *= len(lora_scales or [None])
+    img2img = expand_img2img(suite, trigger, class_word) if suite is not None else []
+    return (n_items * pairs + len(img2img),
+            n_items * pairs * steps + sum(int(steps * it.strength) for it in img2img))

@@ -146,3 +146,37 @@ def test_img2img_pipeline_shares_the_trials_modules_and_keeps_the_picture_at_low
 
     fitted = fit_image(picture, 64).astype(int)
     assert np.abs(low[0].astype(int) - fitted).mean() < np.abs(full[0].astype(int) - fitted).mean()
+
+
+def test_changed_guidance_scales_in_a_suite_file_are_a_changed_question(tmp_path):
+    from sweeps.spec import SpecError, load_spec
+    from sweeps.stored_spec import check_against_stored, store
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text((ROOT / "examples" / "suites" / "demo.yaml").read_text() + "guidance_scales: [5.0, 7.5]\n")
+    spec = load_spec(ROOT / "examples" / "demo.yaml", [f"storage={tmp_path}", f"eval.suite={suite}"])
+    store(spec)
+    assert check_against_stored(spec, "demo.yaml") == []
+    suite.write_text(suite.read_text().replace("[5.0, 7.5]", "[5.0, 10.0]"))
+    again = load_spec(ROOT / "examples" / "demo.yaml", [f"storage={tmp_path}", f"eval.suite={suite}"])
+    with pytest.raises(SpecError, match="eval_variants.guidance_scales"):
+        check_against_stored(again, "demo.yaml")
+
+
+def test_the_dry_run_counts_every_variant_and_img2img_step(tmp_path, init_image):
+    from sweeps.dry_run import SAMPLE_S_PER_UNET_STEP, estimate
+    from sweeps.spec import load_spec
+
+    sets = [f"storage={tmp_path}", "train.sampling={steps: 10}"]
+    plain = load_spec(ROOT / "examples" / "demo.yaml", sets)
+    n = len(plain.eval_prompts()[0])
+    assert estimate(plain)["eval_images"] == n  # the demo's evaluation costs what it did
+    suite = {**SMALL_SUITE, "guidance_scales": [5.0, 7.5, 10.0],
+             "img2img": [{"prompt": "a {trigger} square", "init_image": str(init_image), "strengths": [0.65, 0.8]}]}
+    spec = load_spec(ROOT / "examples" / "demo.yaml", [*sets, f"eval.suite={suite}", "eval.lora_scales=[0.6, 1.0]"])
+    est, base = estimate(spec), estimate(plain)
+    assert est["eval_images"] == 2 * 3 * 2 + 2
+    # Same training: the difference is the evaluations' denoising steps (img2img: int(10 x 0.65) + int(10 x 0.8)).
+    extra_s = (est["hours_per_trial"] - base["hours_per_trial"]) * 3600
+    steps = 2 * 3 * 2 * 10 + 6 + 8 - n * 10
+    assert extra_s == pytest.approx(est["evals_per_trial"] * steps * SAMPLE_S_PER_UNET_STEP * (64 / 512) ** 2)
