@@ -98,7 +98,8 @@ CASES = [
      ["eval.suite: eval.suite: img2img.0.strengths: strength 1.2 is outside (0, 1]"]),
     ("img2img strength that leaves no step", None, [_INLINE.format("img2img: [{prompt: 'a {trigger} square', "
                                                                    "init_image: x.png, strengths: [0.05]}]")], None,
-     ["eval.suite: img2img[0].strengths: 0.05 x train.sampling.steps 12 leaves no denoising step; raise the strength to at least 0.0833"]),
+     ["eval.suite: img2img[0].strengths: 0.05 x train.sampling.steps 12 leaves no denoising step; "
+      "raise the strength to at least 0.0833"]),
     ("guidance scale 0", None, [_INLINE.format("guidance_scales: [7.5, 0]")], None,
      ["eval.suite: eval.suite: guidance_scales: guidance scale 0.0 must be a finite number > 0"]),
     ("LoRA strength outside (0, 1]", None, ["eval.lora_scales=[0.85, 1.5]"], None,
