@@ -12,6 +12,10 @@ no_concept:              # no concept: the base model's knowledge must survive
   - "a bowl of fruit on a wooden table"
 trigger_test:            # each sampled twice per seed: with {trigger} and with it removed
   - "a photo of {trigger} {class}"
+guidance_scales: [5.0, 7.5, 10.0]   # optional: every text-to-image item at each scale (> 0)
+img2img:                 # optional: image-to-image from a starting picture, at each strength
+  - {prompt: "{trigger} {class}, anime style", init_image: images/portrait.png,
+     strengths: [0.65, 0.8], seeds: [0]}
 ```
 
 Placeholders: `{trigger}` (the trigger word) and `{class}` (the class word, e.g. "outfit"); no
@@ -22,10 +26,18 @@ with the j-th of the other (same template, same seed).
 CLIP-T scores each image against `clip_text(item.prompt, trigger)`: the prompt without the trigger
 word, which is a rare token that means nothing to CLIP (so both halves of the trigger test are
 scored against the same text). Set `score_with_trigger: true` to keep it.
+
+`guidance_scales` (none: the sampling's own `guidance_scale`) samples every text-to-image item
+once per scale; `expand_suite` is the same for each. `img2img` items (`expand_img2img`) start from
+`init_image` (a path relative to the suite file; for a suite inline in a sweep spec, relative to
+the spec file), are noised by each of `strengths` (in (0, 1]: 1 keeps nothing of the image) and
+denoised towards the prompt; they are scored apart from the kinds above
+(`evaluator.variant_metrics.img2img_metrics`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -51,6 +63,13 @@ class SuiteItem(NamedTuple):
     seed: int
 
 
+class Img2ImgItem(NamedTuple):
+    prompt: str
+    init_image: str  # the path as the suite gives it, resolved (see `resolve_init_images`)
+    strength: float
+    seed: int
+
+
 class SuitePrompt(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     prompt: str = Field(min_length=1, description="Template with {trigger} / {class}.")
@@ -63,6 +82,22 @@ class SuitePrompt(BaseModel):
         if bad:
             raise ValueError(f"unknown placeholder(s) {['{' + b + '}' for b in bad]} in {v!r}; "
                              "allowed: {trigger}, {class}")
+        return v
+
+
+class Img2ImgPrompt(SuitePrompt):
+    init_image: str = Field(min_length=1, description="The starting picture (relative to the suite file).")
+    strengths: list[float] = Field(min_length=1, description="img2img strengths, each in (0, 1].")
+
+    @field_validator("strengths")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        bad = [s for s in v if not 0 < s <= 1]
+        if bad:
+            raise ValueError(f"strength {bad[0]} is outside (0, 1]: it is the share of the denoising that "
+                             "redraws the init image (0.65 keeps its layout, 1 keeps nothing of it)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"strengths {v} repeat a value; each names its own metrics")
         return v
 
 
@@ -79,8 +114,25 @@ class PromptSuite(BaseModel):
     no_concept: list[SuitePrompt] = Field(default_factory=list)
     trigger_test: list[SuitePrompt] = Field(default_factory=list)
     score_with_trigger: bool = Field(False, description="CLIP-T text keeps the trigger word.")
+    guidance_scales: list[float] | None = Field(
+        None, min_length=1, description="Sample every text-to-image item at each of these CFG scales (> 0); "
+        "metrics per scale and their mean. None: the sampling's guidance_scale.")
+    img2img: list[Img2ImgPrompt] = Field(default_factory=list, description="Image-to-image items.")
 
-    @field_validator("natural", "new_setting", "no_concept", "trigger_test", mode="before")
+    @field_validator("guidance_scales")
+    @classmethod
+    def _positive_scales(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        bad = [g for g in v if not (g > 0 and math.isfinite(g))]
+        if bad:
+            raise ValueError(f"guidance scale {bad[0]} must be a finite number > 0 (1 turns classifier-free "
+                             "guidance off; 5-10 is usual)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"guidance_scales {v} repeat a value; each names its own metrics")
+        return v
+
+    @field_validator("natural", "new_setting", "no_concept", "trigger_test", "img2img", mode="before")
     @classmethod
     def _strings_to_prompts(cls, v: object) -> object:
         return [_as_prompt(x) for x in v] if isinstance(v, list) else v
@@ -105,8 +157,8 @@ class PromptSuite(BaseModel):
 
     def model_post_init(self, _ctx) -> None:
         if not (self.natural or self.new_setting or self.no_concept or self.trigger_test):
-            raise ValueError("the suite has no prompts: give at least one of natural, "
-                             "new_setting, no_concept, trigger_test")
+            raise ValueError("the suite has no text-to-image prompts: give at least one of natural, "
+                             "new_setting, no_concept, trigger_test (img2img items come beside them)")
 
 
 # The documented default suite (also shipped as examples/suites/default.yaml): a few prompts
@@ -155,7 +207,16 @@ def load_suite(path: str | Path) -> PromptSuite:
         data = read_yaml(path)
     except YamlFileError as err:
         raise SuiteError(str(err)) from None
-    return parse_suite(data, str(path))
+    return resolve_init_images(parse_suite(data, str(path)), path.parent)
+
+
+def resolve_init_images(suite: PromptSuite, folder: str | Path) -> PromptSuite:
+    """The suite with every relative `img2img[].init_image` made absolute against `folder`."""
+    if not suite.img2img:
+        return suite
+    items = [p.model_copy(update={"init_image": str((Path(folder) / Path(p.init_image).expanduser()).resolve())})
+             for p in suite.img2img]
+    return suite.model_copy(update={"img2img": items})
 
 
 def default_suite() -> PromptSuite:
@@ -204,6 +265,15 @@ def expand_suite(suite: PromptSuite, trigger: str | None, class_word: str | None
             on.append(SuiteItem("trigger_on", with_t, s))
             off.append(SuiteItem("trigger_off", without, s))
     return items + on + off
+
+
+def expand_img2img(suite: PromptSuite, trigger: str | None, class_word: str | None) -> list[Img2ImgItem]:
+    """Every img2img (prompt, init image, strength, seed), prompts as listed, then strengths, then seeds."""
+    items = []
+    for i, p in enumerate(suite.img2img):
+        text = _fill(p.prompt, trigger, class_word, f"{suite.name}: img2img[{i}]")
+        items += [Img2ImgItem(text, p.init_image, st, s) for st in p.strengths for s in p.seeds or suite.seeds]
+    return items
 
 
 def clip_text(prompt: str, trigger: str | None, keep_trigger: bool = False) -> str:

@@ -24,6 +24,7 @@ import itertools
 import math
 from typing import Any
 
+from sweeps.eval_variants import evaluation_cost
 from sweeps.pruner_options import pruner_options
 from sweeps.spec_schema import ParamSpace, SweepSpec
 from sweeps.trial_plan import input_problems
@@ -93,11 +94,14 @@ def estimate(spec: SweepSpec) -> dict[str, Any]:
     prompts, _ = spec.eval_prompts()
     sampling_steps = spec.fixed().get("sampling", {}).get("steps", TrainConfig.model_fields["sampling"].default_factory().steps)
     evals = max(1, math.ceil(steps / spec.eval.interval))
-    eval_s = evals * len(prompts) * sampling_steps * SAMPLE_S_PER_UNET_STEP * scale
+    # Every guidance scale x LoRA strength, and the img2img items (sweeps.eval_variants); the prompts alone by default.
+    eval_images, eval_unet_steps = evaluation_cost(spec.prompt_suite(), spec.eval.lora_scales, len(prompts),
+                                                   sampling_steps, spec.trigger_word, spec.eval.class_word)
+    eval_s = evals * eval_unet_steps * SAMPLE_S_PER_UNET_STEP * scale
     trial_h = (train_s + eval_s + SETUP_S) / 3600
     gpus = spec.resources.gpus_per_trial
     return {
-        "steps_per_trial": steps, "evals_per_trial": evals, "eval_images": len(prompts),
+        "steps_per_trial": steps, "evals_per_trial": evals, "eval_images": eval_images,
         "hours_per_trial": trial_h, "trial_hours": trial_h * spec.search.num_trials,
         "gpu_hours": trial_h * spec.search.num_trials * gpus,
         "wall_hours": trial_h * math.ceil(spec.search.num_trials / spec.search.max_concurrent),
@@ -234,7 +238,9 @@ def describe_sweep(spec: SweepSpec) -> str:
 
     lines.append(describe_placement(spec))
     est = estimate(spec)
-    lines.append(f"evaluation: every {spec.eval.interval} steps, {est['eval_images']} images (prompts x seeds)")
+    what = "prompts x seeds" if est["eval_images"] == len(spec.eval_prompts()[0]) else \
+        "prompts x seeds x guidance scales x LoRA strengths, + img2img"
+    lines.append(f"evaluation: every {spec.eval.interval} steps, {est['eval_images']} images ({what})")
     lines.append(f"estimate: ~{est['steps_per_trial']:.0f} steps and {est['evals_per_trial']} evals per trial "
                  f"({'; '.join(est['notes'])})")
     per = f"{est['hours_per_trial']:.2f} h per trial"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweeps import storage
+from sweeps.export_strength import lora_scale_record, stamp_files
 from sweeps.results import (
     BASE_SAMPLES,
     LORA_DIFFUSERS,
@@ -155,6 +156,11 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
             for name in files.values():
                 shutil.copyfile(src / name, local / name)
         shutil.copyfile(src / SAMPLES_FILE, local / SAMPLES_FILE)
+    full = spec.train_config(trial["params"]).method == "full"
+    # eval.lora_scales' best, export.scale (sweeps.export_strength); a full fine-tune has no LoRA strength
+    strength = None if full else lora_scale_record(spec, cand.metrics)
+    if strength is not None:
+        stamp_files([local / name for name in files.values()], strength)
     info = {
         "sweep": spec.name,
         "rank": rank,
@@ -167,6 +173,7 @@ def _export_one(spec: SweepSpec, cand: Candidate, rank: int, root: str, staging:
         "prompts": trial.get("prompts"),
         "seeds": trial.get("seeds"),
         "formats": {fmt: f"{rel_dir}/{name}" for fmt, name in files.items()},
+        **({"lora_scale": strength} if strength is not None else {}),
     }
     (local / "info.json").write_text(json.dumps(info, indent=2, default=str))
     rel_files = {**info["formats"], "samples": f"{rel_dir}/{SAMPLES_FILE}", "info": f"{rel_dir}/info.json"}

@@ -59,4 +59,15 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
         if isinstance(suite, str) and not Path(suite).expanduser().is_absolute():
             # A suite path is relative to the spec file, so the spec works from any folder.
             data["eval"]["suite"] = str((path.parent / suite).resolve())
+        if isinstance(suite, dict):  # so are the init images of a suite inline in the spec
+            _resolve_init_images(suite, path.parent)
     return parse_spec(data, str(path))
+
+
+def _resolve_init_images(suite: dict, folder: Path) -> None:
+    """Each relative `img2img[].init_image` of a raw suite mapping made absolute against `folder`;
+    anything malformed is left for the suite's validation to report."""
+    for entry in suite.get("img2img") or []:
+        image = entry.get("init_image") if isinstance(entry, dict) else None
+        if isinstance(image, str) and image and not Path(image).expanduser().is_absolute():
+            entry["init_image"] = str((folder / image).resolve())

@@ -15,10 +15,12 @@ from pydantic import BaseModel, ValidationError
 from evaluator.ground_truth import GROUND_TRUTH_METRICS
 from evaluator.judge_metrics import JUDGE_METRICS
 from evaluator.metrics import GOOD_DIRECTION, OBJECTIVE_COMPONENTS, REPORTED_METRICS, ObjectiveWeights
+from evaluator.variant_metrics import IMG2IMG_METRICS
 from sweeps.pruner_options import ASHA_RESERVED, OPTUNA_PRUNERS, pruner_options
 from sweeps.spec_schema import (
     EvalSpec,
     EvaluatorSpec,
+    ExportSpec,
     ObjectiveSpec,
     ParamSpace,
     PrunerSpec,
@@ -28,20 +30,23 @@ from sweeps.spec_schema import (
     SweepSpec,
     search_order,
 )
+from sweeps.variant_checks import base_metric, export_scale_problems, metric_problem, variant_problems
 from toyworld.lora_task import HELDOUT_METRICS
 from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, TrainConfigError, format_validation_error
 from trainer.validation import VALIDATION_METRICS
 
 # What a trial reports and an objective may name: the training loss, the evaluator's scores, the
-# trainer's validation loss, with `eval.oracle: toy_world` the oracle's and with a judge configured its metric.
+# trainer's validation loss, with `eval.oracle: toy_world` the oracle's, with a judge configured its metric,
+# with img2img suite items theirs, with eval.ground_truth its; and any of the variants' `metric@axis=value`
+# (sweeps.variant_checks).
 TRIAL_METRICS = (*REPORTED_METRICS, "loss", *VALIDATION_METRICS, *ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS,
-                 *GROUND_TRUTH_METRICS)
+                 *IMG2IMG_METRICS, *GROUND_TRUTH_METRICS)
 # The better mode of the trial metrics that have one in every sweep (losses and distances down,
 # scores and accuracies up): an objective asking the other way would search, prune and export
 # for the worst trials.
 GOOD_MODES = {**GOOD_DIRECTION, **dict.fromkeys(("loss", *VALIDATION_METRICS), "min"),
-              **dict.fromkeys((*ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS, "gt_clip_t"), "max"),
+              **dict.fromkeys((*ORACLE_METRICS, *HELDOUT_METRICS, *JUDGE_METRICS, "img2img_clip_score", "gt_clip_t"), "max"),
               **dict.fromkeys(("gt_lpips", "gt_fd", "gt_kid", "gt_cmmd"), "min")}
 # Each judge's metric, its `evaluator.<key>`, and what to give there.
 JUDGES = {"dino_i": ("dino", "the folder of a local DINO/DINOv2 model, config.json + model.safetensors"),
@@ -125,11 +130,16 @@ def _objective_problems(spec: SweepSpec, objectives: list[ObjectiveSpec]) -> lis
     out, seen = [], set()
     for i, o in enumerate(objectives):
         path = "objective.metric" if single else f"objective[{i}].metric"
-        if o.metric not in TRIAL_METRICS:
-            out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(TRIAL_METRICS)}")
+        variant = metric_problem(o.metric, *_suite_and_lora_scales(spec))
+        if variant is not None:
+            out.append(f"{path}: {variant}")
+        elif base_metric(o.metric) not in TRIAL_METRICS:
+            out.append(f"{path}: unknown metric {o.metric!r}; trials report {', '.join(TRIAL_METRICS)} (and the "
+                       "objective's metrics per guidance scale, LoRA strength or img2img strength, e.g. "
+                       "objective@guidance=7.5)")
         if o.metric in seen:
             out.append(f"{path}: {o.metric!r} is listed twice")
-        good = GOOD_MODES.get(o.metric)
+        good = GOOD_MODES.get(base_metric(o.metric))
         if good is not None and o.mode != good:
             better = "lower" if good == "min" else "higher"
             follows = " (the pruner and the export follow the primary objective's mode)" if i == 0 else ""
@@ -168,6 +178,20 @@ def _weights_problems(path: str, o: ObjectiveSpec) -> list[str]:
     if not out and not any(weights.values()):
         out.append(f"{path}: every weight is 0, so the objective has no term; give at least one a weight > 0")
     return out
+
+
+def _suite_and_lora_scales(spec):
+    """The spec's suite (None when absent or invalid: its problems are reported elsewhere) and eval.lora_scales."""
+    from evaluator.suites import SuiteError
+
+    ev = _section(spec, "eval", EvalSpec)
+    if ev is None:
+        return None, None
+    try:
+        suite = spec.model_copy(update={"eval": ev}).prompt_suite()
+    except SuiteError:
+        suite = None
+    return suite, ev.lora_scales
 
 
 def _eval_oracle(spec) -> str | None:
@@ -297,7 +321,16 @@ def _eval_problems(spec: SweepSpec, ev: EvalSpec) -> list[str]:
         expand_suite(suite, getattr(spec, "trigger_word", None), ev.class_word)
     except SuiteError as err:
         return [f"eval.suite: {line}" for line in str(err).splitlines()]
-    return []
+    source = "eval.suite" if isinstance(ev.suite, dict) else f"eval.suite: {ev.suite}"
+    return variant_problems(suite, source, _sampling_steps(spec))
+
+
+def _sampling_steps(spec: SweepSpec) -> int | None:
+    """The evaluation's sampling steps (None when the training values do not validate: reported elsewhere)."""
+    try:
+        return spec.train_config({}).sampling.steps
+    except (TrainConfigError, ValidationError, TypeError, AttributeError):
+        return None
 
 
 def _judge_problems(spec: SweepSpec, evaluator: EvaluatorSpec, ev: EvalSpec | None,
@@ -352,6 +385,9 @@ def cross_problems(spec: SweepSpec) -> list[str]:
         out += _resource_problems(resources)
     if ev:
         out += _eval_problems(spec, ev)
+    export = _section(spec, "export", ExportSpec)
+    if export and ev:
+        out += export_scale_problems(export.scale, ev.lora_scales)
     evaluator = _section(spec, "evaluator", EvaluatorSpec)
     if evaluator:
         out += _judge_problems(spec, evaluator, ev, objectives)

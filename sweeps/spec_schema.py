@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from evaluator.metrics import ObjectiveWeights
 from evaluator.suites import expand_suite, load_suite, parse_suite
+from evaluator.variant_metrics import canonical_name
 from trainer.captioning import CaptionConfig
 from trainer.config import TrainConfig, build_train_config
 
@@ -121,6 +122,22 @@ class EvalSpec(_Strict):
         None, description="`toy_world`: also score every evaluation with the toy world's exact pixel oracle "
         "(concept_accuracy, concept_color_rate, prior_accuracy). Only for the built-in toy world: real "
         "sweeps have no oracle.")
+    lora_scales: list[float] | None = Field(
+        None, min_length=1, description="Sample every evaluation at each of these LoRA strengths (peft adapter "
+        "scale, in (0, 1]); metrics per strength (`objective@lora_scale=0.85`) and their mean; the export records "
+        "the best strength. None: strength 1 only.")
+
+    @field_validator("lora_scales")
+    @classmethod
+    def _strengths(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        bad = [w for w in v if not 0 < w <= 1]
+        if bad:
+            raise ValueError(f"LoRA strength {bad[0]} is outside (0, 1]: 1 is the LoRA as trained, 0 the base model")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lora_scales {v} repeat a value; each names its own metrics")
+        return v
 
 
 class EvaluatorPlacementSpec(_Strict):
@@ -162,12 +179,18 @@ class EvaluatorSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    metric: str = "clip_score"
+    metric: str = Field("clip_score", description="A reported metric; `objective@guidance=7.5`, `objective@lora_scale="
+                        "0.85` or `img2img_clip_i@strength=0.65` names one at a single value (evaluator.variant_metrics).")
     mode: Literal["max", "min"] = "max"
     weights: dict[str, Any] | None = Field(
         None, description="With metric `objective`: the weight of each component (clip_score, clip_i, "
         "prior_preservation, trigger_effect; >= 0, 0 drops the term); a component not given keeps its "
         "default (evaluator.metrics.DEFAULT_OBJECTIVE_WEIGHTS). Checked by evaluator.metrics.ObjectiveWeights.")
+
+    @field_validator("metric")
+    @classmethod
+    def _as_reported(cls, v: str) -> str:
+        return canonical_name(v)  # `objective@lora_scale=1.0` is reported as `objective@lora_scale=1`
 
 
 class SearchSpec(_Strict):
@@ -206,6 +229,16 @@ class ExportSpec(_Strict):
         ["kohya", "diffusers"], min_length=1, description="LoRA trials: the kohya file (UIs) and diffusers' file. "
         "Full fine-tunes (method full): always model.safetensors, the single-file checkpoint UIs load; "
         "with diffusers also model/, a diffusers pipeline folder.")
+    scale: float | Literal["best"] = Field(
+        1.0, description="The strength baked into the exported LoRA files (their up weights x scale): 1 = as trained; "
+        "`best` = the best of eval.lora_scales (sweeps.export_strength).")
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_positive(cls, v: float | str) -> float | str:
+        if v != "best" and not (0 < v < float("inf")):
+            raise ValueError(f"export scale {v} must be a finite number > 0, or best")
+        return v
 
 
 class StudySpec(_Strict):

@@ -31,6 +31,11 @@ def spec_record(spec: SweepSpec) -> dict[str, Any]:
     """What is stored and compared: the spec as validated plus its expanded prompts."""
     prompts, seeds = spec.eval_prompts()
     body = {"spec": spec.model_dump(mode="json"), "eval_prompts": prompts, "eval_seeds": seeds}
+    suite = spec.prompt_suite()
+    if suite is not None and (suite.guidance_scales or suite.img2img):
+        # A suite file's guidance scales and img2img items change what every evaluation measures too.
+        body["eval_variants"] = {"guidance_scales": suite.guidance_scales,
+                                 "img2img": [p.model_dump(mode="json") for p in suite.img2img]}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return {"format": FORMAT, "sha256": digest, **body}
 
@@ -61,8 +66,8 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """(dotted key, stored value, new value) for every key that differs between two records."""
-    a, b = _flat({k: old[k] for k in ("spec", "eval_prompts", "eval_seeds")}), _flat(
-        {k: new[k] for k in ("spec", "eval_prompts", "eval_seeds")})
+    keys = ("spec", "eval_prompts", "eval_seeds", "eval_variants")  # eval_variants: absent without them
+    a, b = _flat({k: old.get(k) for k in keys}), _flat({k: new.get(k) for k in keys})
     return [(k.removeprefix("spec."), a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -9,12 +9,15 @@ precision...), so they are keyed by a hash of those (`base_reference_key`): two 
 different searched clip skips get two references. They are rendered with the LoRA adapters
 disabled (the base model itself, whatever the trial's step: a resumed trial gets the same
 reference as a fresh one) and persisted under `<sweep>/references/`, so that an evaluator restart
-or a resumed trial reads them back instead of rendering them again.
+or a resumed trial reads them back instead of rendering them again. A suite with `guidance_scales`
+has one reference per scale (the scorer takes the `guidance` its images were sampled at); LoRA
+strengths share them (the base model has no LoRA to scale).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -56,10 +59,17 @@ def training_images(trainer: LoraTrainer, limit: int = 64) -> np.ndarray:
     return np.stack(out)
 
 
-def base_reference_inputs(plan: TrialPlan, trainer: LoraTrainer) -> dict:
-    """Everything that changes the base model's images of the no_concept items (no LoRA setting)."""
+def sampling_at(trainer: LoraTrainer, guidance: float | None):
+    """The trainer's sampling settings at `guidance` (None: as configured)."""
+    s = trainer.cfg.sampling
+    return s if guidance is None else s.model_copy(update={"guidance_scale": float(guidance)})
+
+
+def base_reference_inputs(plan: TrialPlan, trainer: LoraTrainer, guidance: float | None = None) -> dict:
+    """Everything that changes the base model's images of the no_concept items (no LoRA setting),
+    sampled at `guidance` (None: the sampling's own scale)."""
     cfg, items = trainer.cfg, [it for it in plan.suite_items or [] if it.kind == "no_concept"]
-    s = cfg.sampling
+    s = sampling_at(trainer, guidance)
     return {
         "base_model": plan.prepared.base_model, "base_model_sha256": plan.prepared.base_model_sha256,
         "prompts": [it.prompt for it in items], "seeds": [it.seed for it in items],
@@ -70,9 +80,9 @@ def base_reference_inputs(plan: TrialPlan, trainer: LoraTrainer) -> dict:
     }
 
 
-def base_reference_key(plan: TrialPlan, trainer: LoraTrainer) -> str:
+def base_reference_key(plan: TrialPlan, trainer: LoraTrainer, guidance: float | None = None) -> str:
     """`<sweep>/base/<16 hex digits>`: a stable hash of `base_reference_inputs`."""
-    blob = json.dumps(base_reference_inputs(plan, trainer), sort_keys=True, default=str).encode()
+    blob = json.dumps(base_reference_inputs(plan, trainer, guidance), sort_keys=True, default=str).encode()
     return f"{plan.sweep}/base/{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
@@ -104,51 +114,64 @@ def adapters_disabled(trainer: LoraTrainer):
             p.requires_grad_(flag)
 
 
-def base_images(plan: TrialPlan, trainer: LoraTrainer, key: str | None = None) -> np.ndarray:
-    """The base model's images of the no_concept items: read from the sweep's storage when a trial
-    made them already, else rendered with the adapters disabled and stored (atomically)."""
-    key = key or base_reference_key(plan, trainer)
+def base_images(plan: TrialPlan, trainer: LoraTrainer, key: str | None = None,
+                guidance: float | None = None) -> np.ndarray:
+    """The base model's images of the no_concept items at `guidance`: read from the sweep's storage
+    when a trial made them already, else rendered with the adapters disabled and stored (atomically)."""
+    key = key or base_reference_key(plan, trainer, guidance)
     path = reference_path(plan, key)
     if storage.exists(path):
         with np.load(io.BytesIO(storage.read_bytes(path))) as f:
             return f["images"]
     items = [it for it in plan.suite_items if it.kind == "no_concept"]
     with adapters_disabled(trainer):
-        images = trainer.sample([it.prompt for it in items], [it.seed for it in items])
+        images = trainer.sample([it.prompt for it in items], [it.seed for it in items], sampling_at(trainer, guidance))
     buf = io.BytesIO()
-    inputs = json.dumps(base_reference_inputs(plan, trainer), sort_keys=True, default=str)
+    inputs = json.dumps(base_reference_inputs(plan, trainer, guidance), sort_keys=True, default=str)
     np.savez_compressed(buf, images=images, inputs=np.array(inputs))
     storage.write_bytes(path, buf.getvalue())
     return images
 
 
 def make_suite_scorer(plan: TrialPlan, trainer: LoraTrainer) -> Scorer | None:
-    """A scorer for the plan's prompt suite, or None when the spec lists plain prompts."""
+    """A scorer for the plan's prompt suite, or None when the spec lists plain prompts. It is called
+    as `score(images, prompts)`, or `score(images, prompts, guidance=g)` for images sampled at
+    guidance scale g (`sweeps.variant_sampling`), whose base-model reference it then uses; each
+    scale's reference is made at its first use."""
     if plan.suite_items is None:
         return None
     has_base = any(it.kind == "no_concept" for it in plan.suite_items)
-    base_key = base_reference_key(plan, trainer) if has_base else None
+    key_of = functools.cache(lambda g: base_reference_key(plan, trainer, g) if has_base else None)
+    first = plan.eval_variants.pairs()[0][0] if plan.eval_variants else None  # the first scale sampled
     if plan.evaluator_actor:
-        return _remote(plan, trainer, base_key)
-    return _local(plan, trainer, base_key)
+        return _remote(plan, trainer, key_of, first)
+    return _local(plan, trainer, key_of, first)
 
 
-def _remote(plan, trainer, base_key) -> Scorer:
+def _remote(plan, trainer, key_of, first) -> Scorer:
     handle = connect_replica(plan.evaluator_actor, plan.evaluator_local_wait_s)
     local = float(served_locally(handle))  # reported: 1 when this node's own replica scored
     train_key = f"{plan.sweep}/train"
+    put: set[str] = set()  # base-model keys put since the evaluator was last found empty
+
+    def base_key(guidance: float | None) -> str | None:
+        key = key_of(guidance)
+        if key and key not in put:
+            ensure_reference(handle, key, lambda: base_images(plan, trainer, key, guidance))
+            put.add(key)
+        return key
 
     def put_references() -> None:
+        put.clear()
         ensure_reference(handle, train_key, lambda: training_images(trainer))
-        if base_key:
-            ensure_reference(handle, base_key, lambda: base_images(plan, trainer, base_key))
+        base_key(first)
 
     put_references()
 
-    def score(images: np.ndarray, prompts: list[str]) -> dict:
+    def score(images: np.ndarray, prompts: list[str], guidance: float | None = None) -> dict:
         def call():
             return score_suite_remote(handle, plan.suite_items, images, trigger=plan.trigger_word,
-                                      base_key=base_key, train_key=train_key,
+                                      base_key=base_key(guidance), train_key=train_key,
                                       weights=plan.objective_weights, timeout_s=600)
         try:
             scores = call()
@@ -160,20 +183,29 @@ def _remote(plan, trainer, base_key) -> Scorer:
     return score
 
 
-def _local(plan, trainer, base_key) -> Scorer:
+@functools.lru_cache(maxsize=1)
+def local_clip(model: str, pretrained: str | None):
+    """The in-process CLIP model (no shared evaluator), loaded once per process: the suite's scorer
+    and the img2img scorer (`sweeps.variant_sampling`) share it."""
     from evaluator import ClipModel  # torch and open_clip: only where the model runs
+
+    return ClipModel.load(model, pretrained)
+
+
+def _local(plan, trainer, key_of, first) -> Scorer:
     from evaluator.judges import Judges
     from evaluator.score import evaluate_suite
 
-    clip = ClipModel.load(plan.evaluator_model, plan.evaluator_pretrained)
+    clip = local_clip(plan.evaluator_model, plan.evaluator_pretrained)
     judges = Judges.load(plan.evaluator_dino, plan.evaluator_aesthetic, clip)
     train = training_images(trainer)
     train_emb = clip.embed_images(train)
     train_dino = judges.reference(train) if judges else None  # once per trial, as train_emb
-    base = base_images(plan, trainer, base_key) if base_key else None
+    base = functools.cache(lambda g: base_images(plan, trainer, key_of(g), g) if key_of(g) else None)
+    base(first)
 
-    def score(images: np.ndarray, prompts: list[str]) -> dict:
-        return evaluate_suite(clip, plan.suite_items, images, trigger=plan.trigger_word, base_images=base,
+    def score(images: np.ndarray, prompts: list[str], guidance: float | None = None) -> dict:
+        return evaluate_suite(clip, plan.suite_items, images, trigger=plan.trigger_word, base_images=base(guidance),
                               train_emb=train_emb, weights=plan.objective_weights, judges=judges,
                               train_dino_emb=train_dino)
 

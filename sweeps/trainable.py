@@ -33,6 +33,7 @@ from sweeps.sample_grids import save_grid
 from sweeps.shared_folders import fetch
 from sweeps.suite_scoring import make_suite_scorer
 from sweeps.trial_plan import TrialPlan
+from sweeps.variant_sampling import make_evaluation
 from toyworld.lora_task import heldout_scores
 from toyworld.oracle import oracle_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -88,7 +89,7 @@ def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, st
         _fail(failure_record, f"invalid config: {err}", params)
     resumed_from = _restore(trainer)
     state["step"] = trainer.global_step
-    scorer = make_suite_scorer(plan, trainer) or make_scorer(plan)
+    evaluate = make_evaluation(plan, trainer, make_suite_scorer(plan, trainer) or make_scorer(plan))
     ground_truth = make_ground_truth_scorer(plan)  # None without eval.ground_truth
     prompts, seeds = plan.prompts, plan.seeds
     if trainer.global_step == 0:
@@ -104,8 +105,7 @@ def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, st
                 history = trainer.train(plan.eval_interval)
             except TrainingDiverged as err:
                 _fail(failure_record, f"training diverged: {err}", params)
-            images = trainer.sample(prompts, seeds)
-            scores = scorer(images, prompts)
+            images, scores = evaluate(prompts, seeds)  # every variant of the plan (sweeps.variant_sampling)
             if plan.oracle == "toy_world":  # exact scores that only the toy world has
                 scores = {**scores, **oracle_metrics(images, prompts, plan.trigger_word),
                           **heldout_scores(trainer.sample, plan.trigger_word)}

@@ -19,6 +19,7 @@ from evaluator.suites import SuiteItem, expand_suite
 from evaluator.tiny import TINY_CLIP_ID, ensure_tiny_clip
 from sweeps.class_image_job import ensure_sweep_class_images, gpu_worker_wanted
 from sweeps.cluster_fit import local_fit_problems
+from sweeps.eval_variants import EvalVariants, plan_variants
 from sweeps.results import sweep_uri
 from sweeps.spec import SpecError
 from sweeps.spec_schema import SweepSpec
@@ -57,6 +58,7 @@ class TrialPlan:
     shared: tuple = ()  # sweeps.shared_folders.SharedFolder: what a trial fetches from remote storage
     objective_metrics: tuple[str, ...] = ()  # the spec's objectives (a failed trial's result names them)
     ground_truth: dict | None = None  # sweeps.ground_truth_scoring.plan_entry(spec): pairs, seed, LPIPS backbone
+    eval_variants: EvalVariants | None = None  # guidance scales, LoRA strengths, img2img (None: sample once)
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return build_train_config({**self.fixed, **params})
@@ -142,6 +144,7 @@ def build_plan(spec: SweepSpec, source: str = "<spec>", local: bool = True, addr
         evaluator_local_wait_s=spec.evaluator.placement.local_wait_s,
         evaluator_dino=spec.evaluator.judge_paths()["dino"], evaluator_aesthetic=spec.evaluator.judge_paths()["aesthetic"],
         ground_truth=_ground_truth_entry(spec),
+        eval_variants=plan_variants(suite, spec.eval.lora_scales, spec.trigger_word, spec.eval.class_word),
     )
 
 

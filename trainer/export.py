@@ -13,14 +13,17 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.files import atomic_folder, atomic_write
 from trainer.kohya_lora_format import ADAPTER, kohya_metadata, kohya_state_dict
 
-__all__ = ["save_lora_diffusers", "save_lora_kohya", "kohya_metadata", "fuse_lora_into_checkpoint"]
+__all__ = ["save_lora_diffusers", "save_lora_kohya", "kohya_metadata", "fuse_lora_into_checkpoint", "restamp_lora_file"]
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The up (B) projection of each layout: kohya's, diffusers' `save_lora_weights`, peft's own.
+UP_WEIGHT_SUFFIXES = ("lora_up.weight", ".up.weight", "lora_B.weight")
 
 
 def save_lora_diffusers(unet, path: str | Path, text_encoder=None) -> Path:
@@ -79,6 +82,28 @@ def save_lora_kohya(
     meta = dict(metadata or {})
     if scale != 1.0:
         meta["lorasweep_export_scale"] = str(float(scale))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+def restamp_lora_file(path: str | Path, scale: float = 1.0, metadata: dict[str, str] | None = None) -> Path:
+    """Rewrite a LoRA file of either layout in place (atomically): every up weight x `scale` (so a
+    UI's weight 1 applies it at that strength, recorded as `lorasweep_export_scale`) and `metadata`
+    added to the file's own. The down weights and alphas are left as they are."""
+    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    path = Path(path)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if scale != 1.0:
+        ups = [k for k in tensors if k.endswith(UP_WEIGHT_SUFFIXES)]
+        if not ups:
+            raise ValueError(f"{path}: no LoRA up weights ({', '.join(UP_WEIGHT_SUFFIXES)}) to scale")
+        for k in ups:
+            tensors[k] = (tensors[k] * scale).contiguous()
+        meta["lorasweep_export_scale"] = str(float(scale))
+    meta.update(metadata or {})
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 

@@ -21,7 +21,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from trainer.cache import ensure_latent_cache, ensure_text_cache
-from trainer.config import TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES, TrainConfig, TrainConfigError
+from trainer.config import TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES, SamplingConfig, TrainConfig, TrainConfigError
 from trainer.dataset_layouts import Example
 from trainer.ema import TrainedWeightsEMA
 from trainer.full_finetune import load_trained_weights, setup_full_finetune, trained_parameters, trained_weights
@@ -301,15 +301,32 @@ class LoraTrainer:
         """A context with the weights that evaluation and export use: the EMA's when on."""
         return self.ema.averaged() if self.ema is not None else contextlib.nullcontext()
 
-    def sample(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+    def sample(self, prompts: list[str], seeds: list[int], sampling: SamplingConfig | None = None) -> np.ndarray:
+        """Text-to-image at `sampling` (default: the config's), NHWC uint8."""
         from trainer.sampling import sample_images
 
+        with self._sampling_mode():
+            return sample_images(self.models, prompts, seeds, self.cfg.clip_skip, self.cfg.resolution,
+                                 sampling or self.cfg.sampling)
+
+    def sample_img2img(self, prompts: list[str], seeds: list[int], init_images: list[np.ndarray],
+                       strength: float) -> np.ndarray:
+        """Image-to-image from `init_images` (uint8 HWC, fitted to the resolution here) at `strength`."""
+        from trainer.sampling import fit_image, sample_img2img
+
+        fitted = [fit_image(im, self.cfg.resolution) for im in init_images]
+        with self._sampling_mode():
+            return sample_img2img(self.models, prompts, seeds, fitted, strength, self.cfg.clip_skip, self.cfg.sampling)
+
+    @contextlib.contextmanager
+    def _sampling_mode(self):
+        """Eval mode (and autocast on CUDA) while sampling; training mode again afterwards."""
         m = self.models
         m.unet.eval()
         m.text_encoder.eval()
         try:
             with self.eval_weights(), self._autocast() if self.device.type == "cuda" else contextlib.nullcontext():
-                return sample_images(m, prompts, seeds, self.cfg.clip_skip, self.cfg.resolution, self.cfg.sampling)
+                yield
         finally:
             m.unet.train()
             if self.cfg.train_text_encoder:

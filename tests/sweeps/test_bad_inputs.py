@@ -42,6 +42,8 @@ def _spec_file(tmp_path, text: str) -> Path:
 
 
 DEMO_TEXT = DEMO.read_text()
+# An inline suite (a --set value) with one more key; its relative init images are relative to the spec file.
+_INLINE = "eval.suite={{natural: ['a {{trigger}} circle'], no_concept: ['a red circle'], {}}}"
 # (id, spec text or None for the demo, --set overrides, a dataset builder, words the error must hold)
 CASES = [
     ("inverted range", None, ["space.learning_rate={type: loguniform, low: 1e-2, high: 1e-4}"], None,
@@ -88,6 +90,31 @@ CASES = [
      ["evaluator.aesthetic: /nonexistent/sac+logos+ava1-l14-linearMSE.pth: not found", ".pth or .safetensors"]),
     ("objective from an unconfigured judge", None, ["objective={metric: dino_i, mode: max}"], None,
      ["objective.metric: 'dino_i' comes from an optional judge that is not configured; set evaluator.dino"]),
+    ("missing init image", None, [_INLINE.format("img2img: [{prompt: 'a {trigger} square', init_image: pics/missing.png, "
+                                                 "strengths: [0.65]}]")], None,
+     ["eval.suite: img2img[0].init_image:", str(ROOT / "examples" / "pics" / "missing.png"), "does not exist"]),
+    ("img2img strength above 1", None, [_INLINE.format("img2img: [{prompt: 'a {trigger} square', init_image: x.png, "
+                                                       "strengths: [0.65, 1.2]}]")], None,
+     ["eval.suite: eval.suite: img2img.0.strengths: strength 1.2 is outside (0, 1]"]),
+    ("img2img strength that leaves no step", None, [_INLINE.format("img2img: [{prompt: 'a {trigger} square', "
+                                                                   "init_image: x.png, strengths: [0.05]}]")], None,
+     ["eval.suite: img2img[0].strengths: 0.05 x train.sampling.steps 12 leaves no denoising step; "
+      "raise the strength to at least 0.0833"]),
+    ("guidance scale 0", None, [_INLINE.format("guidance_scales: [7.5, 0]")], None,
+     ["eval.suite: eval.suite: guidance_scales: guidance scale 0.0 must be a finite number > 0"]),
+    ("LoRA strength outside (0, 1]", None, ["eval.lora_scales=[0.85, 1.5]"], None,
+     ["eval.lora_scales: LoRA strength 1.5 is outside (0, 1]"]),
+    ("objective at an unconfigured LoRA strength", None, ["eval.lora_scales=[0.6, 1.0]",
+                                                          "objective={metric: objective@lora_scale=0.85, mode: max}"], None,
+     ["objective.metric: 'objective@lora_scale=0.85': 0.85 is not one of eval.lora_scales (trials report "
+      "objective@lora_scale=0.6, objective@lora_scale=1)"]),
+    ("objective per guidance scale without guidance scales", None, ["objective={metric: objective@guidance=7.5, mode: max}"],
+     None, ["objective.metric: 'objective@guidance=7.5': 7.5 is not one of the suite's guidance_scales (trials report "
+            "none: set the suite's guidance_scales)"]),
+    ("img2img metric without img2img items", None, ["objective={metric: img2img_clip_score, mode: max}"], None,
+     ["objective.metric: 'img2img_clip_score' scores the suite's img2img items, and it has none"]),
+    ("export at the best strength without strengths", None, ["export.scale=best"], None,
+     ["export.scale: best is the best of eval.lora_scales, which is not set"]),
 ]
 
 
