@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) sweeps/run.py --space examples/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Everything but the integration and fault tests marked `slow`.
 test-fast: $(STAMP)

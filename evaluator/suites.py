@@ -157,7 +157,7 @@ class PromptSuite(BaseModel):
 
     def model_post_init(self, _ctx) -> None:
         if not (self.natural or self.new_setting or self.no_concept or self.trigger_test):
-            raise ValueError("the suite has no text-to-image prompts: give at least one of natural, "
+            raise ValueError("the suite has no prompts to sample from text: give at least one of natural, "
                              "new_setting, no_concept, trigger_test (img2img items come beside them)")
 
 

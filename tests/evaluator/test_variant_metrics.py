@@ -108,5 +108,5 @@ def test_img2img_items_expand_in_order_with_paths_relative_to_the_suite_file(tmp
 
 
 def test_a_suite_of_img2img_items_alone_is_refused():
-    with pytest.raises(SuiteError, match="no text-to-image prompts"):
+    with pytest.raises(SuiteError, match="no prompts to sample from text"):
         parse_suite({"img2img": [{"prompt": "a", "init_image": "x.png", "strengths": [0.5]}]})
