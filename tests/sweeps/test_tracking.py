@@ -89,7 +89,8 @@ def test_offline_sweep_logs_metrics_images_and_artifact_without_the_key(tmp_path
     table = json.loads((Path(summary).parent / "files" / logged["trials/path"]).read_text())
     assert table["columns"][:4] == ["trial", "learning_rate", "lr_scheduler", "rank"] and "objective" in table["columns"]
     assert logged["importance/objective/_type"] == "table-file"
-    assert table["columns"][-2:] == ["CPU h", "steps not run"]
+    # The bill's two columns, then each real trial's start-up seconds.
+    assert table["columns"][-3:] == ["CPU h", "steps not run", "start-up s"]
     # The bill in the summary, the same figures as best.json's.
     summary_values = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                       for r in read_records(summary) if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
