@@ -20,6 +20,7 @@ from sweeps.evaluator_placement import (
     trial_nodes,
 )
 from sweeps.spec import load_spec
+from tests.ray_nodes import node_of
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.yaml"
@@ -87,16 +88,6 @@ def test_a_gpu_replica_holds_its_share_of_a_gpu_beside_the_trials(ray_local, tmp
     assert replica_nodes("placement-gpu") == {}
 
 
-def _node_of(cluster, pid: int):
-    """The cluster node whose raylet is an ancestor of process `pid`."""
-    ancestors = {p.pid for p in psutil.Process(pid).parents()}
-    for node in cluster.list_all_nodes():
-        raylets = node.all_processes.get("raylet", [])
-        if raylets and raylets[0].process.pid in ancestors:
-            return node
-    raise AssertionError(f"no node runs pid {pid}")
-
-
 @pytest.mark.slow
 def test_a_node_that_joins_mid_sweep_gets_a_replica_that_serves_its_trials(tmp_path, ray_cluster, capsys):
     from evaluator.remote import replica_nodes
@@ -117,7 +108,7 @@ def test_a_node_that_joins_mid_sweep_gets_a_replica_that_serves_its_trials(tmp_p
                 lines = [ln for ln in result.read_text().splitlines() if ln.strip()]
                 if lines and result.parent.name not in nodes_of:
                     try:
-                        nodes_of[result.parent.name] = _node_of(cluster, json.loads(lines[-1])["pid"]).node_id
+                        nodes_of[result.parent.name] = node_of(cluster, json.loads(lines[-1])["pid"]).node_id
                     except (psutil.NoSuchProcess, AssertionError, ValueError):
                         pass
             time.sleep(0.2)

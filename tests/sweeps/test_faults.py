@@ -7,13 +7,14 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from sweeps import run as run_cli
 from sweeps.search import load_study
 from sweeps.spec import load_spec
+from tests.quick_eval import QUICK_EVAL
+from tests.ray_nodes import node_of
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.yaml"
@@ -116,7 +117,7 @@ def test_a_failed_result_is_a_failed_trial_for_the_study_and_the_pruner_not_a_sc
 
 def _run(tmp_path, *sets, timeout=480):
     cmd = [sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(DEMO), "--set", f"storage={tmp_path}",
-           *[arg for s in sets for arg in ("--set", s)]]
+           *[arg for s in [*QUICK_EVAL, *sets] for arg in ("--set", s)]]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -124,7 +125,6 @@ def _run(tmp_path, *sets, timeout=480):
 def test_a_trial_with_an_invalid_config_combination_fails_with_its_reason_and_the_sweep_goes_on(tmp_path):
     proc = _run(
         tmp_path, "search.num_trials=2", "search.max_concurrent=1", "train.max_train_steps=4", "eval.interval=4",
-        "eval.seeds=[0]",
         "space.center_crop={type: choice, values: [true, false]}",
         "space.cache_latents={type: choice, values: [true, false]}",
         "search.initial_configs=[{center_crop: false, cache_latents: true, learning_rate: 0.001, rank: 2},"
@@ -147,16 +147,6 @@ def test_a_trial_with_an_invalid_config_combination_fails_with_its_reason_and_th
     assert best["params"]["center_crop"] is True
 
 
-def _node_of(cluster, pid: int):
-    """The cluster node whose raylet is an ancestor of process `pid`."""
-    ancestors = {p.pid for p in psutil.Process(pid).parents()}
-    for node in cluster.list_all_nodes():
-        raylets = node.all_processes.get("raylet", [])
-        if raylets and raylets[0].process.pid in ancestors:
-            return node
-    raise AssertionError(f"no node runs pid {pid}")
-
-
 @pytest.mark.slow
 def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_path, ray_cluster):
     from sweeps.results import load_records
@@ -165,7 +155,7 @@ def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_p
 
     spec = load_spec(DEMO, [
         f"storage={tmp_path}", "search.num_trials=1", "search.max_concurrent=1", "train.max_train_steps=40",
-        "eval.interval=4", "eval.seeds=[0]", "failure.max_failures=2"])
+        "eval.interval=4", "failure.max_failures=2", *QUICK_EVAL])
     plan = build_plan(spec)
     cluster = ray_cluster({"num_cpus": 0}, {"num_cpus": 1, "resources": {"node_a": 1}},
                           {"num_cpus": 1, "resources": {"node_b": 1}})
@@ -177,7 +167,7 @@ def test_losing_the_node_of_a_running_trial_resumes_it_from_its_checkpoint(tmp_p
             for result in (tmp_path / "demo" / "tune").glob("*/result.json"):
                 lines = [json.loads(ln) for ln in result.read_text().splitlines() if ln.strip()]
                 if lines and list(result.parent.glob("checkpoint_*")):
-                    node = _node_of(cluster, lines[-1]["pid"])
+                    node = node_of(cluster, lines[-1]["pid"])
                     killed["step"] = lines[-1]["step"]
                     cluster.remove_node(node, allow_graceful=False)
                     return

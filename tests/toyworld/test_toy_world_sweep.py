@@ -28,7 +28,7 @@ CONFIGS = [
 def test_exported_winner_beats_the_median_trial_by_the_held_out_oracle(tmp_path, ray_local):
     spec = load_spec(ROOT / "examples" / "demo.yaml", [
         f"storage={tmp_path}", "search.num_trials=4", "search.max_concurrent=2", "pruner.type=none",
-        f"search.initial_configs={json.dumps(CONFIGS)}", "train.max_train_steps=300"])
+        f"search.initial_configs={json.dumps(CONFIGS)}", "train.max_train_steps=200"])
     run_sweep(spec, build_plan(spec, local=False))
     records = load_records(spec)
     assert [r.row.state for r in records] == ["complete"] * 4, [r.row.reason for r in records]
