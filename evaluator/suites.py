@@ -85,6 +85,13 @@ class SuitePrompt(BaseModel):
         return v
 
 
+def distinct(values: list[float], name: str) -> list[float]:
+    """`values` when no value repeats: each value of a sampling setting names its own metrics."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} {values} repeat a value; each names its own metrics")
+    return values
+
+
 class Img2ImgPrompt(SuitePrompt):
     init_image: str = Field(min_length=1, description="The starting picture (relative to the suite file).")
     strengths: list[float] = Field(min_length=1, description="img2img strengths, each in (0, 1].")
@@ -96,9 +103,7 @@ class Img2ImgPrompt(SuitePrompt):
         if bad:
             raise ValueError(f"strength {bad[0]} is outside (0, 1]: it is the share of the denoising that "
                              "redraws the init image (0.65 keeps its layout, 1 keeps nothing of it)")
-        if len(set(v)) != len(v):
-            raise ValueError(f"strengths {v} repeat a value; each names its own metrics")
-        return v
+        return distinct(v, "strengths")
 
 
 def _as_prompt(v: object) -> object:
@@ -128,9 +133,7 @@ class PromptSuite(BaseModel):
         if bad:
             raise ValueError(f"guidance scale {bad[0]} must be a finite number > 0 (1 turns classifier-free "
                              "guidance off; 5-10 is usual)")
-        if len(set(v)) != len(v):
-            raise ValueError(f"guidance_scales {v} repeat a value; each names its own metrics")
-        return v
+        return distinct(v, "guidance_scales")
 
     @field_validator("natural", "new_setting", "no_concept", "trigger_test", "img2img", mode="before")
     @classmethod

@@ -36,21 +36,24 @@ class SweepBill:
     units_per_trial: float
     trials: list[TrialBill]
 
+    def _total(self, name: str) -> float:
+        return sum(getattr(t, name) for t in self.trials)
+
     @property
     def trial_hours(self) -> float:
-        return sum(t.trial_hours for t in self.trials)
+        return self._total("trial_hours")
 
     @property
     def wall_s(self) -> float:
-        return sum(t.wall_s for t in self.trials)
+        return self._total("wall_s")
 
     @property
     def steps_run(self) -> int:
-        return sum(t.steps_run for t in self.trials)
+        return self._total("steps_run")
 
     @property
     def steps_not_run(self) -> int:
-        return sum(t.steps_not_run for t in self.trials)
+        return self._total("steps_not_run")
 
     @property
     def s_per_step(self) -> float | None:

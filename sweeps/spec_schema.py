@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evaluator.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from evaluator.metrics import ObjectiveWeights
-from evaluator.suites import expand_suite, load_suite, parse_suite
+from evaluator.suites import distinct, expand_suite, load_suite, parse_suite
 from evaluator.variant_metrics import canonical_name
 from trainer.captioning import CaptionConfig
 from trainer.config import TrainConfig, build_train_config
@@ -135,9 +135,7 @@ class EvalSpec(_Strict):
         bad = [w for w in v if not 0 < w <= 1]
         if bad:
             raise ValueError(f"LoRA strength {bad[0]} is outside (0, 1]: 1 is the LoRA as trained, 0 the base model")
-        if len(set(v)) != len(v):
-            raise ValueError(f"lora_scales {v} repeat a value; each names its own metrics")
-        return v
+        return distinct(v, "lora_scales")
 
 
 class EvaluatorPlacementSpec(_Strict):
