@@ -118,7 +118,7 @@ def _ground_truth(panel) -> dict | None:
     from sweeps import report_plots as plots
 
     return {"seed": panel.seed, "header": panel.header(), "notes": panel.notes,
-            "rows": [{"label": r.label, "who": r.who, "values": [_cell(r.values.get(m))["shown"] for m in panel.metrics]}
+            "rows": [{"label": r.label, "who": r.who, "cells": [_cell(r.values.get(m))["shown"] for m in panel.metrics]}
                      for r in panel.rows],
             "plot": _maybe_uri(plots.ground_truth_plot(panel)),
             "images": _inline(_png_bytes(panel.images)) if panel.images is not None else None}

@@ -79,7 +79,7 @@ original is the base model; each fine-tuned row is a trial's best evaluation.</p
 <thead><tr><th></th><th>model</th>{% for h in ground_truth.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
 <tbody>{% for r in ground_truth.rows %}
 <tr class="{{ r.label }}"><td class="text">{{ r.label }}</td><td class="text">{{ r.who }}</td>
-{%- for v in r.values %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}
+{%- for v in r.cells %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}
 </tbody></table>
 {% if ground_truth.plot %}<img alt="ground-truth metrics, original and fine-tuned" src="{{ ground_truth.plot }}">{% endif %}
 {% if ground_truth.images %}<p class="note">The truth images, the original's and the winner's, same captions and seed.</p>

@@ -182,5 +182,6 @@ def _ground_truth(panel, metrics: list[str]) -> bytes:
         ax.tick_params(axis="x", labelsize=7, rotation=30)
         ax.tick_params(axis="y", labelsize=7)
         ax.axhline(0, color="black", lw=0.6)
+        ax.margins(y=0.18)  # room for the bars' labels under the title
     fig.tight_layout()
     return png(fig)

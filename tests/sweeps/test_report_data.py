@@ -256,7 +256,7 @@ def test_ground_truth_panel_puts_the_original_beside_the_fine_tuned_trials(tmp_p
             cell = image[top + r * 132:top + r * 132 + 128, left + k * 128:left + (k + 1) * 128]
             assert np.abs(cell[::2, ::2] - expected[k]).mean() < 8, (r, k)  # kept as JPEG: near, not exact
     page = _ground_truth(panel)
-    assert page["rows"][0]["values"][0] == "0.5" and page["plot"].startswith("data:image/png")
+    assert page["rows"][0]["cells"][0] == "0.5" and page["plot"].startswith("data:image/png")
     # the winner's images missing (its evaluation kept none): the table stays, the note says why
     trials[0].metrics["step"] = 8
     assert "were not kept" in ground_truth_panel(spec, trials).notes[0]
