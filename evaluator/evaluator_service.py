@@ -53,7 +53,7 @@ class EvaluatorService:
         self.dino_references: dict[str, np.ndarray] = {}  # with a DINO judge: the same keys, DINO embeddings
         self.texts: OrderedDict[str, np.ndarray] = OrderedDict()
         self.counts = {"reference_hits": 0, "reference_misses": 0, "text_hits": 0,
-                       "text_misses": 0, "score_calls": 0, "suite_calls": 0}
+                       "text_misses": 0, "score_calls": 0, "suite_calls": 0, "ground_truth_calls": 0}
 
     def _embed_batch(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         return [e.numpy() for e in self.clip.embed_image_list(arrays)]
@@ -156,6 +156,21 @@ class EvaluatorService:
                                                 torch.from_numpy(img), train_dino)
         return suite_metrics(items, torch.from_numpy(img), torch.from_numpy(txt), as_t(base),
                              as_t(train), weights, scale, judged)
+
+    async def score_ground_truth(self, images: np.ndarray, captions: list[str], truth_key: str) -> dict:
+        """gt_fd, gt_kid, gt_cmmd and gt_clip_t (evaluator.ground_truth.clip_ground_truth_scores) of image
+        i against the truth images put under `truth_key` and caption i, on this service's CLIP features."""
+        from evaluator.ground_truth import clip_ground_truth_scores
+
+        _check_prompts(images, captions)
+        truth = self._reference(truth_key, "ground-truth")
+        if len(truth) != len(images):
+            raise ValueError(f"ground truth {truth_key!r} holds {len(truth)} images, got {len(images)} generated: "
+                             "one generated image per truth image")
+        self.counts["ground_truth_calls"] += 1
+        img, txt = await asyncio.gather(self._embed_images(images), self._embed_texts(list(captions)))
+        # FD's matrix square root takes a while at a real CLIP's width: off the event loop and the CLIP thread.
+        return await asyncio.to_thread(clip_ground_truth_scores, img, truth, txt)
 
     async def stats(self) -> dict:
         b = self.batcher.stats

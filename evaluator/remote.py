@@ -6,6 +6,7 @@ trial of a sweep, batching their concurrent requests. The only evaluator module 
     score_remote(h, images_uint8, prompts)                  # {"clip_score", "per_image"}
     put_reference(h, key, training_images)                  # embedded once, cached by key
     score_suite_remote(h, items, images, trigger=..., train_key=key, base_key=...)
+    score_ground_truth_remote(h, images, captions, truth_key=key)  # FD, KID, CMMD, CLIP-T vs truth
     stop_evaluator(name=...)                                # the sweep driver, at the end
 
 Replicas are named `<name>@<node id>` (one per node, pinned with NodeAffinitySchedulingStrategy;
@@ -36,8 +37,8 @@ from evaluator.suites import SuiteItem, check_items
 # clients (trials, benchmarks) talk to the service with numpy and Ray alone.
 __all__ = ["NAMESPACE", "DEFAULT_NAME", "EvaluatorError", "EvaluatorGone", "EvaluatorTimeout",
            "MissingReference", "start_evaluator", "connect_evaluator", "stop_evaluator",
-           "score_remote", "score_suite_remote", "embed_remote", "put_reference", "has_reference",
-           "ensure_reference", "reference_key", "evaluator_stats", "replica_name", "replica_nodes",
+           "score_remote", "score_suite_remote", "score_ground_truth_remote", "embed_remote", "put_reference",
+           "has_reference", "ensure_reference", "reference_key", "evaluator_stats", "replica_name", "replica_nodes",
            "stop_replica"]
 
 log = logging.getLogger(__name__)
@@ -320,6 +321,14 @@ def score_suite_remote(handle, items: list[SuiteItem], images_uint8: np.ndarray,
     ref = handle.score_suite.remote([tuple(it) for it in items], images_uint8, trigger, base_key,
                                     train_key, weights, keep_trigger, scale)
     return _call(handle, ref, timeout_s)
+
+
+def score_ground_truth_remote(handle, images_uint8: np.ndarray, captions: list[str], truth_key: str,
+                              timeout_s: float = 120.0) -> dict:
+    """`evaluator.ground_truth.clip_ground_truth_scores` on the service: image i against the truth
+    images put under `truth_key` (`put_reference`) and caption i."""
+    _check_prompts(images_uint8, captions)
+    return _call(handle, handle.score_ground_truth.remote(images_uint8, list(captions), truth_key), timeout_s)
 
 
 def embed_remote(handle, images_uint8: np.ndarray, timeout_s: float = 120.0) -> np.ndarray:

@@ -104,10 +104,24 @@ def _page(data, grids: list[dict]) -> str:
         "slices": _slices(data),
         "pareto": _maybe_uri(plots.pareto_plot(data)),
         "comparison": _inline(_png_bytes(data.comparison)) if data.comparison is not None else None,
+        "ground_truth": _ground_truth(data.ground_truth),
         "grids": grids,
         "notes": data.notes,
         "journal": dashboard_target(spec),
     })
+
+
+def _ground_truth(panel) -> dict | None:
+    """The "original vs fine-tuned" panel's table cells, bar chart and images, for the page."""
+    if panel is None:
+        return None
+    from sweeps import report_plots as plots
+
+    return {"seed": panel.seed, "header": panel.header(), "notes": panel.notes,
+            "rows": [{"label": r.label, "who": r.who, "cells": [_cell(r.values.get(m))["shown"] for m in panel.metrics]}
+                     for r in panel.rows],
+            "plot": _maybe_uri(plots.ground_truth_plot(panel)),
+            "images": _inline(_png_bytes(panel.images)) if panel.images is not None else None}
 
 
 def _slices(data) -> list[dict]:

@@ -2,8 +2,9 @@
 
 `collect(spec)` gathers it once: the trials (their table row, best checkpoint's metrics, every
 reported result as a curve, where a pruned trial was stopped), the parameter importances, the
-Pareto front, what was exported, the winner beside the base model, and the XYZ grids that the
-images trials saved allow. sweeps.report_plots draws the plots, sweeps.report_page the page.
+Pareto front, what was exported, the winner beside the base model, the ground-truth panel
+(sweeps.ground_truth_panel), and the XYZ grids that the images trials saved allow.
+sweeps.report_plots draws the plots, sweeps.report_page the page.
 Images are read file by file from the checkpoints (never a whole checkpoint: it holds the
 trainer state), and only for the trials a panel shows.
 """
@@ -23,6 +24,7 @@ from PIL import Image
 from evaluator.metrics import OBJECTIVE_COMPONENTS
 from sweeps import storage
 from sweeps.eval_images import THUMB, eval_steps, eval_uri, read_eval_images, thumbnails
+from sweeps.ground_truth_panel import GroundTruthPanel, ground_truth_panel
 from sweeps.importance import Importance, load_sweep_study, param_importances
 from sweeps.results import (
     BASE_SAMPLES,
@@ -83,6 +85,7 @@ class ReportData:
     pareto: list[str] = field(default_factory=list)  # trial ids on the Pareto front (multi-objective)
     best: TrialData | None = None
     comparison: Image.Image | None = None  # the base model's images beside the winner's
+    ground_truth: GroundTruthPanel | None = None  # eval.ground_truth: "original vs fine-tuned"
     grids: dict[str, Grid] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # why a panel is missing
 
@@ -97,10 +100,14 @@ def collect(spec: SweepSpec, records: list[TrialRecord] | None = None, xyz: XyzC
     trials = trial_data(records, spec)
     study = load_sweep_study(spec)
     data = ReportData(spec, trials, param_importances(study, spec, importance), study, exported_ids(spec))
-    scored = [t for t in trials if t.metrics]
-    if scored:
-        sign = -1 if spec.primary.mode == "max" else 1
-        data.best = min(scored, key=lambda t: (sign * float(t.metrics[spec.primary.metric]), t.row.trial_id))
+    sign = -1 if spec.primary.mode == "max" else 1
+    ranked = sorted((t for t in trials if t.metrics),
+                    key=lambda t: (sign * float(t.metrics[spec.primary.metric]), t.row.trial_id))
+    if ranked:
+        data.best = ranked[0]
+        data.ground_truth = ground_truth_panel(spec, ranked)
+    if spec.eval.ground_truth is not None and data.ground_truth is None:
+        data.notes.append("eval.ground_truth: no trial reported ground-truth scores beside the base model's row yet")
     if len(spec.objectives) > 1:
         data.pareto = pareto_front(trials, spec)
     if data.best is not None:

@@ -24,6 +24,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
  td.text { text-align: left; }
  tr.winner td { background: #fff5cc; } tr.exported td:first-child { font-weight: bold; }
  tr.pruned td { color: #8a5a00; } tr.failed td { color: #b00; }
+ #ground-truth-table tr.original td { background: #eef3fb; } #ground-truth-table th { cursor: default; }
  .scroll { max-height: 600px; overflow: auto; display: inline-block; }
  img { max-width: 100%; image-rendering: pixelated; border: 1px solid #eee; }
  .wide { max-width: 100%; overflow-x: auto; } .wide img { max-width: none; }
@@ -69,6 +70,22 @@ exported trials in bold.</p>
 {% if comparison %}<p class="note">Same prompts and seeds in every row.</p>
 <div class="wide"><img alt="base model and winner" src="{{ comparison }}"></div>
 {% else %}<p class="note">No trial has a scored evaluation yet.</p>{% endif %}
+
+{% if ground_truth %}<h2 id="ground-truth">Original vs fine-tuned on the held-out ground truth</h2>
+<p class="note">Each held-out caption sampled once at seed {{ ground_truth.seed }} and scored against its truth
+image: LPIPS per pair, FD, KID and CMMD between the two sets' CLIP features, CLIP-T against the caption. The
+original is the base model; each fine-tuned row is a trial's best evaluation.</p>
+<table id="ground-truth-table">
+<thead><tr><th></th><th>model</th>{% for h in ground_truth.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
+<tbody>{% for r in ground_truth.rows %}
+<tr class="{{ r.label }}"><td class="text">{{ r.label }}</td><td class="text">{{ r.who }}</td>
+{%- for v in r.cells %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}
+</tbody></table>
+{% if ground_truth.plot %}<img alt="ground-truth metrics, original and fine-tuned" src="{{ ground_truth.plot }}">{% endif %}
+{% if ground_truth.images %}<p class="note">The truth images, the original's and the winner's, same captions and seed.</p>
+<div class="wide"><img alt="ground truth, original and fine-tuned images" src="{{ ground_truth.images }}"></div>{% endif %}
+{% for n in ground_truth.notes %}<p class="note">{{ n }}</p>{% endfor %}
+{% endif %}
 
 <h2>XYZ grids</h2>
 <div class="grids">{% for g in grids %}

@@ -155,3 +155,33 @@ def _pareto(data: ReportData, points: dict, a: str, b: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return png(fig)
+
+
+def ground_truth_plot(panel) -> bytes | None:
+    """One bar chart per ground-truth metric: the original (grey) beside each fine-tuned trial (the
+    winner dark), so that which way each metric moved reads at a glance (sweeps.ground_truth_panel)."""
+    metrics = [m for m in panel.metrics if any(r.values.get(m) is not None for r in panel.rows)]
+    if not metrics:
+        return None
+    with _style():
+        return _ground_truth(panel, metrics)
+
+
+def _ground_truth(panel, metrics: list[str]) -> bytes:
+    from sweeps.ground_truth_panel import BETTER, METRIC_NAMES
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 2.9), squeeze=False)
+    labels = ["original"] + [r.who.split(" (")[0] for r in panel.rows[1:]]
+    colors = ["#9a9a9a", "#1f4e9c"] + ["#7fa6e0"] * (len(panel.rows) - 2)
+    for ax, metric in zip(axes[0], metrics):
+        values = [r.values.get(metric) for r in panel.rows]
+        shown = [(lab, v, c) for lab, v, c in zip(labels, values, colors) if v is not None]
+        bars = ax.bar([s[0] for s in shown], [s[1] for s in shown], color=[s[2] for s in shown])
+        ax.bar_label(bars, labels=[f"{s[1]:.3g}" for s in shown], fontsize=7, padding=1)
+        ax.set_title(f"{METRIC_NAMES[metric]} ({BETTER[metric]} is better)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.margins(y=0.18)  # room for the bars' labels under the title
+    fig.tight_layout()
+    return png(fig)

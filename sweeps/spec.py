@@ -6,6 +6,7 @@ any model is built or Ray starts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -23,6 +24,16 @@ class SpecError(ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, problems
         super().__init__(f"{source}: {len(problems)} problem(s) in the sweep spec:\n  " + "\n  ".join(problems))
+
+
+def key_problem(key: str, check: Callable[[], object], error: type[Exception]) -> list[str]:
+    """`["<key>: <message>"]` when `check()` raises `error` (an input problem whose message names the
+    fix), else []: each input is checked on its own, so that every problem is reported at once."""
+    try:
+        check()
+    except error as err:
+        return [f"{key}: {err}"]
+    return []
 
 
 def parse_spec(data: dict, source: str = "<spec>") -> SweepSpec:

@@ -98,12 +98,14 @@ class GroundTruthSpec(_Strict):
     features, CLIP-T); the base model's scores come once per sweep as the reference row (base_gt_*)."""
 
     folder: str = Field(description="An imagefolder of truth images with metadata.jsonl (file_name, text): a test "
-                        "split, or a folder of its own; relative to the working directory.")
+                        "split, or a folder of its own; relative to the working directory. builtin:demo-test: the "
+                        "toy world's held-out pictures of the demo concept.")
     seed: int = Field(0, ge=0, description="The one seed of every caption's image.")
     lpips_net: Literal["alex", "vgg", "squeeze"] = Field("alex", description="LPIPS backbone.")
     lpips_weights: str | None = Field(
         None, description="The backbone's torchvision weights file (e.g. alexnet-owt-7be5be79.pth); None: torch's "
-        "hub cache (<torch hub dir>/checkpoints/), where torchvision's download puts it.")
+        "hub cache (<torch hub dir>/checkpoints/), where torchvision's download puts it; builtin:random: the "
+        "package's random backbone at a fixed seed (uncalibrated distances: the toy world and tests only).")
 
 
 class EvalSpec(_Strict):

@@ -90,7 +90,7 @@ def _train(params: dict, plan: TrialPlan, trial_id: str, failure_record: str, st
     resumed_from = _restore(trainer)
     state["step"] = trainer.global_step
     evaluate = make_evaluation(plan, trainer, make_suite_scorer(plan, trainer) or make_scorer(plan))
-    ground_truth = make_ground_truth_scorer(plan)  # None without eval.ground_truth
+    ground_truth = make_ground_truth_scorer(plan, trial_id)  # None without eval.ground_truth
     prompts, seeds = plan.prompts, plan.seeds
     if trainer.global_step == 0:
         _save_base_samples(trainer, plan.sweep_uri, prompts, seeds)

@@ -21,7 +21,7 @@ from sweeps.class_image_job import ensure_sweep_class_images, gpu_worker_wanted
 from sweeps.cluster_fit import local_fit_problems
 from sweeps.eval_variants import EvalVariants, plan_variants
 from sweeps.results import sweep_uri
-from sweeps.spec import SpecError
+from sweeps.spec import SpecError, key_problem
 from sweeps.spec_schema import SweepSpec
 from trainer.class_images import class_dir_problems, missing_class_images
 from trainer.config import TrainConfig, TrainConfigError, build_train_config
@@ -68,16 +68,9 @@ def input_problems(spec: SweepSpec, local: bool) -> list[str]:
     """What is wrong with the spec's base model, dataset, optional judges' files and resources on
     this machine, found without loading a model: each as `key: message`. `local` (no --address):
     the trial's CPUs and GPUs must fit this machine."""
-    problems = []
-    try:
-        resolve_base_model(spec.base_model)
-    except BaseModelError as err:
-        problems.append(f"base_model: {err}")
-    try:
-        detect_dataset_type(resolve_dataset(spec.dataset))
-    except DatasetError as err:
-        problems.append(f"dataset: {err}")
-    problems += _class_dir_problems(spec)
+    problems = (key_problem("base_model", lambda: resolve_base_model(spec.base_model), BaseModelError)
+                + key_problem("dataset", lambda: detect_dataset_type(resolve_dataset(spec.dataset)), DatasetError)
+                + _class_dir_problems(spec))
     if spec.caption is not None and not any(p.startswith("dataset:") for p in problems):
         names = {"model": "caption.model", "trigger": "trigger_word"}
         problems += [f"{names.get(key, key)}: {msg}" for key, msg in

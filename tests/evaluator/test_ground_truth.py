@@ -91,3 +91,57 @@ def test_scores_against_truth(lpips_model):
     for name in ("gt_lpips", "gt_fd", "gt_cmmd", "gt_kid"):
         assert apart[name] > same[name] + 1e-4, name
     assert same["gt_clip_t"] > 0 and len(apart["gt_lpips_items"]) == 6
+
+
+def test_the_service_scores_ground_truth_on_its_clip_features_as_in_process(lpips_model):
+    """The evaluator service's body (no Ray): the truth put once as a reference, then the same gt_fd,
+    gt_kid, gt_cmmd and gt_clip_t as the in-process scorer of the same images."""
+    import asyncio
+
+    from evaluator.evaluator_service import EvaluatorService, MissingReference
+
+    truth, captions = render_shapes(6, seed=2)
+    generated, _ = render_shapes(6, seed=7)
+
+    async def run():
+        svc = EvaluatorService("local", TINY_CLIP_ID, None, "cpu", max_batch_size=4, max_wait_ms=5.0, torch_threads=1)
+        with pytest.raises(MissingReference, match="ground-truth reference 'gt' is not in"):
+            await svc.score_ground_truth(generated, captions, "gt")
+        await svc.put_reference("gt", truth)
+        with pytest.raises(ValueError, match="holds 6 images, got 3 generated"):
+            await svc.score_ground_truth(generated[:3], captions[:3], "gt")
+        return await svc.score_ground_truth(generated, captions, "gt"), await svc.stats()
+
+    served, stats = asyncio.run(run())
+    local = ground_truth_scores(ClipModel.load(TINY_CLIP_ID, None), lpips_model, generated, truth, captions)
+    assert set(served) == {"gt_fd", "gt_kid", "gt_cmmd", "gt_clip_t"}
+    for name, value in served.items():
+        assert value == pytest.approx(local[name], rel=1e-4, abs=1e-6), name
+    assert stats["ground_truth_calls"] == 1 and stats["reference_misses"] == 1
+
+
+def test_the_toy_worlds_test_split_is_held_out_pairs_of_the_demo_concept(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASWEEP_CACHE", str(tmp_path))
+    from evaluator.ground_truth import TOY_WORLD_TEST_ID
+    from trainer.train_data import resolve_dataset
+
+    pairs = read_ground_truth(TOY_WORLD_TEST_ID)
+    assert len(pairs) == 6 and all(p.caption.startswith("a lswsks ") for p in pairs)
+    assert read_ground_truth(TOY_WORLD_TEST_ID) == pairs  # written once
+    train = {np.asarray(Image.open(p)).tobytes() for p in resolve_dataset("builtin:demo").rglob("*.png")}
+    assert not any(np.asarray(Image.open(p.image_path)).tobytes() in train for p in pairs)  # none trained on
+
+
+def test_the_random_backbone_is_the_same_network_in_every_process():
+    from evaluator.lpips_judge import RANDOM_BACKBONE
+
+    torch.manual_seed(1)
+    a = load_lpips("alex", RANDOM_BACKBONE)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    b = load_lpips("alex", RANDOM_BACKBONE)
+    assert torch.equal(a.net.slice1[0].weight, b.net.slice1[0].weight)
+    torch.manual_seed(1)
+    load_lpips("alex", RANDOM_BACKBONE)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left as it was
+    assert backbone_file("alex", RANDOM_BACKBONE) is None

@@ -1,5 +1,7 @@
 """The full fine-tune examples: the SD 1.5 spec's dry run estimates memory per method and warns when the
-GPU share cannot hold it; the tiny spec runs as a real sweep and exports a whole model."""
+GPU share cannot hold it; the tiny spec runs as a real sweep, scored against held-out ground truth
+(the base model's row once, every trial's beside it, the report's "original vs fine-tuned" panel),
+and exports a whole model."""
 
 import json
 import subprocess
@@ -35,7 +37,7 @@ def test_a_gpu_share_too_small_is_warned_for_the_full_finetune_only():
 
 
 @pytest.mark.slow
-def test_tiny_finetune_sweep_exports_a_single_file_and_a_folder(tmp_path):
+def test_tiny_finetune_sweep_judges_against_ground_truth_and_exports_a_single_file_and_a_folder(tmp_path):
     cmd = [sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(ROOT / "examples" / "finetune.yaml"),
            "--set", f"storage={tmp_path}", "--set", "search.num_trials=2", "--set", "train.max_train_steps=4",
            "--set", "eval.interval=2", "--set", "train.sampling.steps=4"]
@@ -57,3 +59,27 @@ def test_tiny_finetune_sweep_exports_a_single_file_and_a_folder(tmp_path):
     from trainer.model_loading import load_sd_components
 
     load_sd_components(str(out / files["diffusers"]))  # diffusers loads the exported folder
+    _check_ground_truth(out, info)
+
+
+def _check_ground_truth(out: Path, info: dict) -> None:
+    """eval.ground_truth (the toy world's test split): every trial reports gt_* with the one base row."""
+    from evaluator.ground_truth import GROUND_TRUTH_METRICS
+    from sweeps.report import load_sweep_spec
+    from sweeps.results import load_records
+
+    base = json.loads((out / "ground_truth" / "base.json").read_text())
+    assert len(base["captions"]) == 6 and set(base["scores"]) == {*GROUND_TRUTH_METRICS, "gt_lpips_items"}
+    records = load_records(load_sweep_spec(str(out)))
+    assert len(records) == 2
+    for record in records:
+        metrics, tid = record.result.metrics, record.row.trial_id
+        assert all(metrics[f"base_{m}"] == base["scores"][m] for m in GROUND_TRUTH_METRICS), tid
+        assert all(isinstance(metrics[m], float) for m in GROUND_TRUTH_METRICS) and len(metrics["gt_lpips_items"]) == 6
+        assert sorted(p.name for p in (out / "ground_truth" / tid).iterdir()) == ["step-000002.jpg", "step-000004.jpg"]
+    assert info["metrics"]["gt_lpips"] != base["scores"]["gt_lpips"]  # the winner's own row, not the base's
+    html = (out / "report" / "index.html").read_text()
+    assert 'id="ground-truth-table"' in html and html.count('<tr class="fine-tuned">') == 2
+    assert '<tr class="original"><td class="text">original</td><td class="text">base model (builtin:tiny-sd)' in html
+    assert f"winner {info['trial_id']} (step {info['metrics']['step']})" in html
+    assert 'alt="ground truth, original and fine-tuned images"' in html

@@ -204,3 +204,63 @@ def test_a_lora_that_cannot_be_sampled_is_a_problem_line_not_a_failed_export(rep
     (problem,) = sample_export_grids(spec, report_uri(spec))  # the stub's LoRA file holds one lone tensor
     assert problem.startswith("rank1: the strength grid was not sampled (")
     assert not list((spec.output_dir / "report" / "xyz").glob("strength-*.png"))
+
+
+def _gt_trial(tid: str, step: int, lpips: float):
+    from types import SimpleNamespace
+
+    from sweeps.report_data import TrialData
+
+    metrics = {"step": step, "clip_score": 1.0, "gt_lpips": lpips, "gt_fd": 2 * lpips, "gt_kid": 0.1, "gt_cmmd": 3.0,
+               "gt_clip_t": 20.0 + lpips}
+    return TrialData(SimpleNamespace(row=SimpleNamespace(trial_id=tid, params={})), metrics, [])
+
+
+def test_ground_truth_panel_puts_the_original_beside_the_fine_tuned_trials(tmp_path):
+    """The panel of a sweep with eval.ground_truth, from what sweeps.ground_truth_scoring keeps in its
+    storage: the base row labelled original, the winner and the next best labelled fine-tuned, and the
+    truth images beside the base model's and the winner's of the same captions."""
+    import json
+
+    from sweeps.ground_truth_panel import SHOWN_TRIALS, ground_truth_panel
+    from sweeps.ground_truth_scoring import BASE_ROW, images_uri, save_images, step_name
+    from sweeps.report import _ground_truth
+    from toyworld.world import render_shapes
+
+    spec = stub_spec(tmp_path)
+    root = sweep_uri(spec)
+    trials = [_gt_trial(f"t{i}", 4 + i, 0.1 * (i + 1)) for i in range(SHOWN_TRIALS + 1)]
+    assert ground_truth_panel(spec, trials) is None  # no base row yet
+    truth, captions = render_shapes(3, seed=1)
+    base_images, _ = render_shapes(3, seed=2)
+    scores = {"gt_lpips": 0.5, "gt_fd": 1.5, "gt_kid": 0.2, "gt_cmmd": 4.0, "gt_clip_t": 18.0, "gt_lpips_items": [0.5] * 3}
+    (tmp_path / spec.name / BASE_ROW).parent.mkdir(parents=True)
+    (tmp_path / spec.name / BASE_ROW).write_text(json.dumps({"captions": captions, "seed": 7, "scores": scores}))
+    save_images(images_uri(root, "truth"), truth)
+    save_images(images_uri(root, "base"), base_images)
+    save_images(images_uri(root, step_name("t0", 4)), np.zeros_like(truth))  # the winner's, at its best step
+
+    panel = ground_truth_panel(spec, trials)
+    assert [(r.label, r.who) for r in panel.rows] == [
+        ("original", f"base model ({spec.base_model})"), ("fine-tuned", "winner t0 (step 4)"),
+        ("fine-tuned", "trial t1 (step 5)"), ("fine-tuned", "trial t2 (step 6)")]  # the best SHOWN_TRIALS
+    assert panel.rows[0].values == {k: v for k, v in scores.items() if k != "gt_lpips_items"}
+    assert panel.rows[2].values["gt_lpips"] == pytest.approx(0.2) and panel.rows[2].values["gt_fd"] == pytest.approx(0.4)
+    assert panel.captions == captions and panel.seed == 7 and panel.notes == []
+    assert panel.header()[0] == "LPIPS (mean) (lower is better)" and panel.header()[-1] == "CLIP-T (higher is better)"
+    # three labelled rows (truth, original, winner) of the three captions' 64 px images at twice their size
+    image = np.asarray(panel.images).astype(int)
+    top, left = image.shape[0] - 3 * (128 + 4), image.shape[1] - 3 * 128  # under the header, beside the labels
+    for r, expected in enumerate((truth, base_images, np.zeros_like(truth))):
+        for k in range(3):
+            cell = image[top + r * 132:top + r * 132 + 128, left + k * 128:left + (k + 1) * 128]
+            assert np.abs(cell[::2, ::2] - expected[k]).mean() < 8, (r, k)  # kept as JPEG: near, not exact
+    page = _ground_truth(panel)
+    assert page["rows"][0]["cells"][0] == "0.5" and page["plot"].startswith("data:image/png")
+    # the winner's images missing (its evaluation kept none): the table stays, the note says why
+    trials[0].metrics["step"] = 8
+    assert "were not kept" in ground_truth_panel(spec, trials).notes[0]
+    # a winner without ground-truth scores: the next best is shown, and the note says so
+    del trials[0].metrics["gt_lpips"]
+    panel = ground_truth_panel(spec, trials)
+    assert panel.rows[1].who == "trial t1 (step 5)" and "winner t0 reports no ground-truth scores" in panel.notes[0]
