@@ -30,7 +30,13 @@ from sweeps.spec_schema import (
     SweepSpec,
     search_order,
 )
-from sweeps.variant_checks import base_metric, export_scale_problems, metric_problem, variant_problems
+from sweeps.variant_checks import (
+    base_metric,
+    export_scale_problems,
+    full_finetune_scale_problems,
+    metric_problem,
+    variant_problems,
+)
 from toyworld.lora_task import HELDOUT_METRICS
 from toyworld.oracle import ORACLE_METRICS
 from trainer.config import TrainConfig, TrainConfigError, format_validation_error
@@ -384,7 +390,7 @@ def cross_problems(spec: SweepSpec) -> list[str]:
     if resources:
         out += _resource_problems(resources)
     if ev:
-        out += _eval_problems(spec, ev)
+        out += _eval_problems(spec, ev) + full_finetune_scale_problems(spec.train, spec.space, ev.lora_scales)
     export = _section(spec, "export", ExportSpec)
     if export and ev:
         out += export_scale_problems(export.scale, ev.lora_scales)

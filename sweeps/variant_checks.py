@@ -72,3 +72,15 @@ def export_scale_problems(scale, lora_scales: list[float] | None) -> list[str]:
         return ["export.scale: best is the best of eval.lora_scales, which is not set; set eval.lora_scales "
                 "(e.g. [0.6, 0.85, 1.0]) or give a number"]
     return []
+
+
+def full_finetune_scale_problems(train: dict, space: dict, lora_scales: list[float] | None) -> list[str]:
+    """eval.lora_scales scales the trial's LoRA layers; a full fine-tune has none, so every strength
+    would score the same model under different names."""
+    searched = space.get("method")
+    values = searched.get("values") or [] if isinstance(searched, dict) else []
+    if not lora_scales or ("full" not in values and train.get("method") != "full"):
+        return []
+    where = "space.method searches full" if "full" in values else "train.method is full"
+    return [f"eval.lora_scales: {where}, and a full fine-tune has no LoRA strength to vary (every strength would "
+            "score the same model); remove eval.lora_scales, or sweep LoRAs only"]

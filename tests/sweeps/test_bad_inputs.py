@@ -104,6 +104,11 @@ CASES = [
      ["eval.suite: eval.suite: guidance_scales: guidance scale 0.0 must be a finite number > 0"]),
     ("LoRA strength outside (0, 1]", None, ["eval.lora_scales=[0.85, 1.5]"], None,
      ["eval.lora_scales: LoRA strength 1.5 is outside (0, 1]"]),
+    ("LoRA strengths of a full fine-tune", None, ["eval.lora_scales=[0.6, 1.0]", "train.method=full"], None,
+     ["eval.lora_scales: train.method is full, and a full fine-tune has no LoRA strength to vary"]),
+    ("LoRA strengths where the method is searched", None,
+     ["eval.lora_scales=[0.6, 1.0]", "space.method={type: choice, values: [lora, full]}"], None,
+     ["eval.lora_scales: space.method searches full, and a full fine-tune has no LoRA strength to vary"]),
     ("objective at an unconfigured LoRA strength", None, ["eval.lora_scales=[0.6, 1.0]",
                                                           "objective={metric: objective@lora_scale=0.85, mode: max}"], None,
      ["objective.metric: 'objective@lora_scale=0.85': 0.85 is not one of eval.lora_scales (trials report "
