@@ -5,6 +5,7 @@ the node's cache folder deleted) from the storage alone, and `sweeps/pull.py` fe
 from s3:// with the checksum verified."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from sweeps import storage
 from sweeps.results import load_records
+from sweeps.shared_folders import CLASS_IMAGES, SharedFolder, fetch, publish
 from sweeps.spec import load_spec
 from sweeps.study_storage import JOURNAL_FILE, PRUNED_FILE, load_sweep_study, rdb_url, study_uri
 from tests.sweeps.driver_kill import ENDED, finished, mid_trial, run_and_kill
@@ -32,6 +34,24 @@ def _settings(*extra: str, trials: int, steps: int) -> list[str]:
 
 def _command(sets: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(DEMO), *[a for s in sets for a in ("--set", s)]]
+
+
+def test_a_fetched_shared_folder_keeps_the_mtimes_the_latent_cache_key_holds(tmp_path):
+    """Class images fetched on a new head with fresh mtimes would change the latent cache's key
+    (paths, sizes, mtimes of the images encoded): the latents would be built and published again."""
+    made = tmp_path / "head1" / "class"
+    made.mkdir(parents=True)
+    for i, when in enumerate((1_600_000_000_123_456_789, 1_700_000_000_987_654_321)):
+        (made / f"class_{i:05d}.png").write_bytes(b"png %d" % i)
+        os.utime(made / f"class_{i:05d}.png", ns=(when, when))
+    stamps = {p.name: p.stat().st_mtime_ns for p in made.iterdir()}
+    with s3_server(BUCKET):
+        uri = f"s3://{BUCKET}/sweeps/mtimes"
+        assert publish((SharedFolder(CLASS_IMAGES, "class", str(made)),), uri, None) == ["class_images/class"]
+        shutil.rmtree(made)  # the head is lost; the new one fetches the folder to the same path
+        assert fetch((SharedFolder(CLASS_IMAGES, "class", str(made)),), uri, None) == ["class_images/class"]
+    assert {p.name: p.stat().st_mtime_ns for p in made.iterdir()} == stamps
+    assert (made / "class_00001.png").read_bytes() == b"png 1"
 
 
 def _pull(source: str, to: Path) -> subprocess.CompletedProcess:
