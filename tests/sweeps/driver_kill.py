@@ -7,6 +7,7 @@ its storage (what a new head would find) and SIGKILLs the driver and the local R
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -53,37 +54,68 @@ def _wait_then_kill(proc: subprocess.Popen, spec, ready, timeout_s: float) -> No
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if ready(load_records(spec)):
-                proc.send_signal(signal.SIGKILL)
+                _kill_head(proc)
                 return
         except (FileNotFoundError, OSError, ValueError):  # no state yet, or a file mid-replace
             pass
         time.sleep(POLL_S)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """The driver, then every process of its group (Ray's GCS, raylet, workers), and wait until
-    none is left: a worker still alive would keep writing into the sweep the next head resumes."""
-    proc.kill()
+def _kill_head(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started, at once, and wait until none runs: a lost
+    head leaves nothing behind. Ray's raylet starts each worker in a process group of its own, so
+    killing the driver's group alone leaves the trial workers and the evaluator running (seen: for
+    seconds), still writing the interrupted trial's checkpoints and files into the sweep's storage
+    while the next head resumes it. Collected before the kill: once the raylet is dead its workers'
+    parent is init, and nothing says whose they were."""
+    doomed = _tree(proc.pid)
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # a process started after the snapshot, in the driver's group
     proc.wait(timeout=60)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _alive_in_group(proc.pid):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(pid in doomed or pgid == proc.pid for pid, (_, pgid) in _processes().items()):
         time.sleep(0.1)
 
 
-def _alive_in_group(pgid: int) -> bool:
-    """Whether a process of group `pgid` still runs (zombies, which init may never reap, do not)."""
+def _kill_group(proc: subprocess.Popen) -> None:
+    """After the wait: a driver that never got ready is killed as well; what is left of its group goes."""
+    if proc.poll() is None:
+        _kill_head(proc)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) of every process that runs (zombies, which init may never reap, do not)."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # ended meanwhile
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if fields[0] != "Z":
+            found[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+    return found
+
+
+def _tree(root: int) -> set[int]:
+    """`root` and its descendants that run now."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, []))
+    return tree
 
 
 def mid_trial(count: int) -> Callable[[list[TrialRecord]], bool]:
