@@ -1,8 +1,11 @@
 """A study that survives the head: a sweep whose study lives in a real PostgreSQL server, and one on
 `s3://` storage (moto's S3 server on 127.0.0.1), each SIGKILLed mid-sweep and resumed with the
-history it had. The S3 sweep resumes on a "new head" (another working directory; the old one and
-the node's cache folder deleted) from the storage alone, and `sweeps/pull.py` fetches its winner
-from s3:// with the checksum verified."""
+history it had. The S3 sweep (DreamBooth prior preservation, its class images rendered by the
+first head) is killed while a trial runs with a checkpoint saved, in the middle of an upload of
+Tune's state (a search-generator state of the snapshot before is what the storage keeps); it
+resumes on a "new head" (another working directory; the old one, the node's cache folder and the
+class folder deleted) from the storage alone, and `sweeps/pull.py` fetches its winner from s3://
+with the checksum verified."""
 
 import json
 import os
@@ -111,13 +114,6 @@ def test_a_sweep_whose_study_lives_in_postgresql_is_killed_and_resumed_with_its_
 
 
 @pytest.mark.slow
-# A known defect of issue #16, cause not found yet: in two full-suite CI runs of 2026-12-01 the trial
-# that was running when the first head was killed ended FAIL after the resume on the new head, with
-# Ray's "Remote file not found" for its result.json/progress.csv. Ruled out since: a resume from a
-# mid-trial checkpoint (this test now always kills there) and those result files missing from the
-# bucket (deleted by hand before the resume): both pass. Kept strict in what it checks, so that it
-# shows the defect whenever it recurs (an xfail line in the summary), without failing CI.
-@pytest.mark.xfail(strict=False, reason="#16: intermittent FAIL of the interrupted trial after an s3 resume")
 def test_a_sweep_on_s3_is_resumed_on_a_new_head_from_storage_alone_and_its_winner_pulled(tmp_path, monkeypatch, s3_bucket):
     node_cache, class_dir = tmp_path / "node-cache", tmp_path / "class-images"
     # DreamBooth prior preservation with a class folder that does not exist yet: the first head renders it.
