@@ -1,8 +1,9 @@
 """Kill a sweep's driver mid-sweep, as a lost head would be: the resume tests' one way of doing it.
 
 `run_and_kill` starts `sweeps/run.py` in its own process group, watches the sweep's saved state in
-its storage (what a new head would find) and SIGKILLs the driver and the local Ray it started once
-`ready(records)` holds. It returns the driver's output.
+its storage (what a new head would find) and, once `ready(records)` holds, SIGKILLs the driver
+and every process it started (the local Ray, its workers included) and waits until none runs.
+It returns the driver's output.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def run_and_kill(cmd: list[str], spec, ready: Callable[[list[TrialRecord]], bool
                  env: dict[str, str] | None = None, timeout_s: float = 500) -> str:
     """Start the sweep, SIGKILL its driver once `ready` holds for the saved state; the driver's output.
     `env`: added to this process's environment for the driver."""
-    # Own process group: the Ray processes the driver started are killed with it by group id.
+    # Own process group: whatever of the driver's Ray is left when it ends is killed by group id.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=cwd,
                             env={**os.environ, **(env or {})})
     lines: list[str] = []
