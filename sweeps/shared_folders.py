@@ -11,12 +11,17 @@ was lost) fetches the folders it lacks before it trains, instead of building the
   class_images/                    `train.class_data_dir`, at the same path on every node
 
 A folder's upload ends with its `.complete` marker: one without it is incomplete, never fetched,
-and published again. A fetch writes the folder whole (a temporary folder renamed) under a lock,
-so trials starting together on one node download it once.
+and published again. The marker lists each file's mtime, which a fetch gives back to its copy: the
+latent cache's key holds the mtimes of the images it encoded (class images among them), so class
+images fetched with fresh mtimes would make a new head build and publish the latents again. A
+fetch writes the folder whole (a temporary folder renamed) under a lock, so trials starting
+together on one node download it once.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -67,10 +72,11 @@ def publish(folders: tuple[SharedFolder, ...], sweep_uri: str, cache_dir: str | 
         if storage.exists(storage.join(uri, COMPLETE)):
             continue
         local = folder.local(cache_dir)
-        for name in storage.list_files(local) if local.is_dir() else []:
-            if Path(name).name not in _SKIPPED:
-                storage.copy_file(local / name, storage.join(uri, name))
-        storage.write_text(storage.join(uri, COMPLETE), "")
+        names = [n for n in (storage.list_files(local) if local.is_dir() else []) if Path(n).name not in _SKIPPED]
+        for name in names:
+            storage.copy_file(local / name, storage.join(uri, name))
+        mtimes = {n: (local / n).stat().st_mtime_ns for n in names}
+        storage.write_text(storage.join(uri, COMPLETE), json.dumps({"mtime_ns": mtimes}, sort_keys=True))
         done.append(f"{folder.kind}/{folder.name}")
     return done
 
@@ -88,6 +94,7 @@ def fetch(folders: tuple[SharedFolder, ...], sweep_uri: str, cache_dir: str | No
         with file_lock(local.parent / f".{local.name}.fetch.lock"):
             if not _present(local):  # another trial on this node may have fetched it meanwhile
                 storage.download_folder(uri, local, skip=(COMPLETE,))
+                _restore_mtimes(local, storage.read_text(storage.join(uri, COMPLETE)))
                 done.append(f"{folder.kind}/{folder.name}")
     return done
 
@@ -112,6 +119,14 @@ def share_plan(spec: SweepSpec, plan: TrialPlan) -> TrialPlan:
     if published:
         print(f"sweep {spec.name}: published to {plan.sweep_uri}/{SHARED}: {', '.join(published)}", flush=True)
     return replace(plan, shared=folders)
+
+
+def _restore_mtimes(local: Path, marker: str) -> None:
+    """Give the fetched files the mtimes the publisher's files had (a marker of an older lorasweep is empty)."""
+    for name, mtime_ns in (json.loads(marker).get("mtime_ns", {}) if marker.strip() else {}).items():
+        path = local / name
+        if path.is_file():
+            os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
 def _present(local: Path) -> bool:

@@ -19,6 +19,7 @@ from sweeps.ray_session import ensure_ray
 from sweeps.report import ReportWriter
 from sweeps.results import EXPERIMENT, experiment_path, sweep_uri
 from sweeps.search import RAY_TRIAL_ATTR, make_search_alg
+from sweeps.snapshot_repair import repair_search_state
 from sweeps.spec_schema import SweepSpec
 from sweeps.study_storage import load_sweep_study, open_storage, study_uri
 from sweeps.tracking import trial_settings
@@ -86,6 +87,8 @@ def can_resume(spec: SweepSpec) -> bool:
 def restore_tuner(spec: SweepSpec, plan: TrialPlan | None, trainable: Callable | None = None) -> tune.Tuner:
     """The killed sweep, its searcher and Optuna study with it; finished and failed trials stay as they are."""
     _close_orphaned_study_trials(spec)
+    for change in repair_search_state(experiment_path(spec)):  # a head lost mid-save (sweeps.snapshot_repair)
+        print(f"sweep {spec.name}: saved search state made consistent with its trials: {change}", flush=True)
     return tune.Tuner.restore(
         experiment_path(spec),
         trainable=make_trainable(spec, plan, trainable),

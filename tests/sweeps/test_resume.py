@@ -1,12 +1,8 @@
 """The sweep survives its driver: SIGKILL `sweeps/run.py` mid-sweep, resume with --resume, compare."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,16 +11,16 @@ from sweeps.export import choose
 from sweeps.results import load_records
 from sweeps.search import load_study
 from sweeps.spec import load_spec
+from tests.sweeps.driver_kill import ENDED, finished, run_and_kill
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.yaml"
-TRIALS = 4
-ENDED = ("complete", "pruned")  # the demo spec's median pruner may stop trials early
+TRIALS = 3
 
 
 def _sets(storage: Path) -> list[str]:
     sets = [f"storage={storage}", f"search.num_trials={TRIALS}", "search.max_concurrent=1",
-            "train.max_train_steps=4", "eval.interval=2", "eval.seeds=[0]"]
+            "train.max_train_steps=2", "eval.interval=2", "eval.seeds=[0]"]
     return [arg for s in sets for arg in ("--set", s)]
 
 
@@ -33,43 +29,11 @@ def _snapshot(trial_dirs: list[Path]) -> dict:
     return {str(p): p.read_bytes() for d in trial_dirs for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def _read(proc: subprocess.Popen, lines: list[str]) -> None:
-    for line in proc.stdout:
-        lines.append(line)
-
-
-def _kill_when_finished(proc: subprocess.Popen, spec, finished: int, timeout_s: float = 500) -> None:
-    """SIGKILL the driver once its saved experiment state holds `finished` ended trials."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if sum(r.row.state in ENDED for r in load_records(spec)) >= finished:
-                proc.send_signal(signal.SIGKILL)
-                return
-        except (FileNotFoundError, OSError, ValueError):  # no state yet, or a file mid-replace
-            pass
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_driver_killed_mid_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     cmd = [sys.executable, str(ROOT / "sweeps" / "run.py"), "--space", str(DEMO), *_sets(tmp_path)]
-    # Own process group: the local Ray processes the driver started are cleaned up by group id afterwards.
     spec = load_spec(DEMO, [a for a in _sets(tmp_path) if a != "--set"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=_read, args=(proc, lines), daemon=True).start()
-    try:
-        _kill_when_finished(proc, spec, 2)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-        time.sleep(1)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+    run_and_kill(cmd, spec, finished(2))
     before = {r.row.trial_id: r for r in load_records(spec)}
     done = {t: r for t, r in before.items() if r.row.state in ENDED}
     assert len(done) >= 2, [r.row for r in before.values()]
