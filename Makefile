@@ -15,15 +15,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) sweeps/run.py --space examples/demo.yaml
 
-# Two test processes, each taking whole files (a file's fixtures are built once, in one process).
-XDIST   := -n 2 --dist loadfile
-
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) --durations=25 tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Everything but the integration and fault tests marked `slow`.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf .venv .cache/lorasweep runs
