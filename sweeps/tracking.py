@@ -62,6 +62,16 @@ def store_run(run, settings: dict) -> str | None:
     return target
 
 
+def own_wandb_services() -> None:
+    """Drop a W&B service this process inherited: wandb puts a started service's address in
+    WANDB_SERVICE, so every child of a process that used wandb connects to that process's service.
+    Called before the driver starts its local Ray, so trials start services of their own. Else a
+    driver launched by a process that used wandb (a notebook, a wrapper script, a test session)
+    hands that process's service to every trial; a trial of a killed driver then keeps its run open
+    there, and the resumed trial fails with "run ID ... is in use"."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def _environment(settings: dict) -> None:
     os.environ.update(_QUIET)
     os.environ["WANDB_MODE"] = settings["mode"]
